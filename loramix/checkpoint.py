@@ -1,0 +1,108 @@
+"""Saving and loading a mixture artifact.
+
+    <path>/manifest.json            expert order, recipe, top_k, variant, base model, masked experts
+    <path>/experts/<name>/          PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
+    <path>/universal/               MoDULA universal LoRA (PEFT format), if any
+    <path>/router/config.json       router recipe and constructor kwargs
+    <path>/router/router.safetensors
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from loramix.artifact import atomic_dir, read_json, write_json
+from loramix.experts import Expert, ExpertBank
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "loramix-mixture"
+VERSION = 1
+
+
+def save_mixture(mm, path: str | Path, *, base_path: str | None = None) -> None:
+    path = Path(path)
+    if base_path is None:
+        base_path = getattr(mm.base_model, "name_or_path", None) or None
+    with atomic_dir(path) as tmp:
+        for name, expert in mm.experts().items():
+            expert.save(tmp / "experts" / name)
+        if mm.universal is not None:
+            mm.universal.save(tmp / "universal")
+        router = None
+        if mm.router is not None:
+            router = {"recipe": mm.router.recipe, "top_k": mm.router.top_k, "kwargs": mm.router.config()}
+            router["masked"] = [n for n, m in zip(mm.expert_names, mm.router.masked.tolist()) if m]
+            (tmp / "router").mkdir()
+            write_json(tmp / "router" / "config.json", router)
+            state = {k: v.detach().contiguous().cpu() for k, v in mm.router.state_dict().items()}
+            save_file(state, str(tmp / "router" / "router.safetensors"), metadata={"format": "pt"})
+        write_json(
+            tmp / "manifest.json",
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "expert_names": mm.expert_names,
+                "variant": mm.variant,
+                "universal": mm.universal is not None,
+                "router": router,
+                "base_model": base_path,
+            },
+        )
+    logger.info("saved mixture of %d experts to %s", len(mm.expert_names), path)
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a loramix mixture: manifest.json is missing.")
+    manifest = read_json(path / "manifest.json")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{str(path / 'manifest.json')!r} is format {manifest.get('format')!r} v{manifest.get('version')}; "
+            f"this loramix reads {FORMAT!r} v{VERSION}."
+        )
+    return manifest
+
+
+def load_base(name_or_path: str, root: Path, **kwargs):
+    """Load the base a manifest names; relative paths are resolved against the artifact."""
+    from transformers import AutoModelForCausalLM
+
+    local = root / name_or_path
+    target = str(local) if local.is_dir() else name_or_path
+    return AutoModelForCausalLM.from_pretrained(target, **kwargs)
+
+
+def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
+    path = Path(path)
+    manifest = read_manifest(path)
+    if base_model is None:
+        if not manifest.get("base_model"):
+            raise ValueError(f"{str(path)!r} names no base model; pass `base_model=`.")
+        base_model = load_base(manifest["base_model"], path, **base_kwargs)
+    variant = manifest["variant"]
+    bank = ExpertBank.from_dirs({n: path / "experts" / n for n in manifest["expert_names"]}, variant=variant)
+    universal = Expert.from_dir("universal", path / "universal") if manifest["universal"] else None
+    router = manifest["router"]
+    mm = cls(
+        base_model,
+        bank,
+        router["recipe"] if router else None,
+        top_k=router["top_k"] if router else 1,
+        universal=universal,
+        variant=variant,
+        router_kwargs=router["kwargs"] if router else None,
+    )
+    if router:
+        state = load_file(str(path / "router" / "router.safetensors"))
+        try:
+            mm.router.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"router weights in {str(path)!r} do not fit the {router['recipe']!r} router: {err}") from None
+        if router.get("masked"):
+            mm.mask_experts(router["masked"])
+    return mm

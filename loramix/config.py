@@ -1,0 +1,315 @@
+"""One validated schema for the whole pipeline.
+
+YAML files, command-line overrides (``router.top_k=2``), Tune trials and Serve all build a
+:class:`LoramixConfig`; nothing else parses settings. Every field carries a one-line docstring
+that doubles as the reference documentation (``loramix config-help`` prints it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loramix.names import check_expert_name
+
+logger = logging.getLogger(__name__)
+
+Recipe = Literal["moa", "mole", "modula"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every problem found, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class SyntheticBaseConfig(_Section):
+    hidden_size: int = Field(128, ge=8)
+    """Width of the demo Llama (only used when `model.base` is `synthetic`)."""
+    intermediate_size: int = Field(256, ge=8)
+    """MLP width of the demo Llama."""
+    num_layers: int = Field(4, ge=1)
+    """Transformer blocks of the demo Llama."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads of the demo Llama; must divide `hidden_size`."""
+    pretrain_steps: int = Field(600, ge=0)
+    """Steps of copy-task pre-training so experts have a competent base to adapt."""
+    batch_size: int = Field(64, ge=1)
+    """Batch size of the base pre-training."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate of the base pre-training (warmup + cosine)."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> SyntheticBaseConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"`model.synthetic.num_heads` ({self.num_heads}) must divide "
+                f"`model.synthetic.hidden_size` ({self.hidden_size}). Pick a divisor."
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    base: str = "synthetic"
+    """`synthetic` builds the offline demo base; otherwise a local directory or hub id for `from_pretrained`."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub id; defaults to `model.base`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the base is loaded in (experts and router train in float32 on CPU)."""
+    synthetic: SyntheticBaseConfig = SyntheticBaseConfig()
+    """Shape and pre-training of the demo base."""
+
+
+class DomainConfig(_Section):
+    name: str
+    """Expert name: letters, digits, `_ . -`; names the expert everywhere (files, API, report)."""
+    train: str
+    """Training data: a `.jsonl`/`.json` file, a `.parquet` file or a `datasets.save_to_disk` folder."""
+    eval: str | None = None
+    """Held-out data in the same formats; required for the `eval` stage."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return check_expert_name(name)
+
+
+class DataConfig(_Section):
+    domains: list[DomainConfig] = Field(default_factory=list)
+    """One entry per domain: `{name, train, eval}`."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt text."""
+    completion_field: str = "completion"
+    """Column holding the completion text (the only tokens the loss is computed on)."""
+    max_length: int = Field(64, ge=4)
+    """Longest prompt+completion in tokens; longer rows are an error, not silently truncated."""
+    eval_limit: int | None = Field(None, ge=1)
+    """Score at most this many eval rows per domain (None: all)."""
+
+    @field_validator("domains")
+    @classmethod
+    def _unique_names(cls, domains: list[DomainConfig]) -> list[DomainConfig]:
+        names = [d.name for d in domains]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"`data.domains` names must be unique, got duplicates {dupes}. Rename one.")
+        return domains
+
+
+class OptimConfig(_Section):
+    steps: int = Field(300, ge=1)
+    """Optimizer steps."""
+    batch_size: int = Field(64, ge=1)
+    """Global batch size (split across `resources.num_workers`)."""
+    lr: float = Field(8e-3, gt=0)
+    """Peak learning rate (linear warmup, cosine decay)."""
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    """Fraction of `steps` spent warming up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value."""
+
+
+class ExpertConfig(OptimConfig):
+    rank: int = Field(8, ge=1)
+    """LoRA rank r; higher = more capacity + memory."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """LoRA dropout during expert training."""
+    target_modules: list[str] | str = "all-linear"
+    """Modules to adapt: `all-linear` or a list of names (PEFT `target_modules`)."""
+
+
+class UniversalConfig(OptimConfig):
+    enabled: bool = False
+    """Train a universal LoRA on all domains first (MoDULA); domain experts then train on top of it."""
+    variant: Literal["flan", "res"] = "flan"
+    """MoDULA variant: `flan` adds experts in parallel, `res` feeds experts the universal output."""
+
+
+class RouterConfig(OptimConfig):
+    steps: int = Field(200, ge=1)
+    """Optimizer steps of router training (base and experts frozen)."""
+    lr: float = Field(1e-2, gt=0)
+    """Peak learning rate of the router."""
+    top_k: int = Field(1, ge=1)
+    """Experts kept per route (renormalised); must not exceed the number of domains."""
+    temperature: float = Field(1.0, gt=0)
+    """Initial softmax temperature of the MoLE gates (learnable)."""
+    balance_coef: float = Field(0.5, ge=0)
+    """Weight of the balance loss -log prod q_i (MoLE, MoDULA)."""
+
+
+class TrainConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage for expert training (0 = plain data parallel)."""
+    log_every: int = Field(10, ge=1)
+    """Report metrics every N optimizer steps."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Write a resumable checkpoint every N optimizer steps."""
+    max_failures: int = Field(2, ge=0)
+    """Worker failures Ray Train retries before giving up on a stage."""
+
+
+class ResourcesConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    """Data-parallel workers per expert trainer."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL backend; otherwise CPU + gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per training worker."""
+    max_concurrent_experts: int | None = Field(None, ge=1)
+    """Experts trained at once (None: all; the cluster queues what does not fit)."""
+
+
+class ServeConfig(_Section):
+    topology: Literal["fused", "routed"] = "fused"
+    """`fused`: every replica holds all experts; `routed`: a router dispatches to per-expert replicas."""
+    confidence_threshold: float = Field(0.9, ge=0, le=1)
+    """Routed topology: top-1 gate at or above this goes to that expert's own deployment."""
+    max_tokens: int = Field(256, ge=1)
+    """Largest `max_tokens` a request may ask for."""
+    num_replicas: int = Field(1, ge=1)
+    """Replicas of the fused deployment."""
+    max_batch_size: int = Field(16, ge=1)
+    """Requests batched together per forward (`@serve.batch`)."""
+
+
+class LoramixConfig(_Section):
+    recipe: Recipe = "moa"
+    """Mixture recipe: `moa` (sequence classifier), `mole` (gate per block), `modula` (token router)."""
+    seed: int = 0
+    """Seed for data shuffling and initialisation."""
+    output: str = "out/run"
+    """Directory (or shared storage path) every stage writes under."""
+    model: ModelConfig = ModelConfig()
+    """Base model."""
+    data: DataConfig = DataConfig()
+    """Domain datasets."""
+    expert: ExpertConfig = ExpertConfig()
+    """Per-domain LoRA experts."""
+    universal: UniversalConfig = UniversalConfig()
+    """Universal LoRA (MoDULA)."""
+    router: RouterConfig = RouterConfig()
+    """Router over the frozen experts."""
+    train: TrainConfig = TrainConfig()
+    """Distributed training behaviour."""
+    resources: ResourcesConfig = ResourcesConfig()
+    """Ray resources."""
+    serve: ServeConfig = ServeConfig()
+    """Serving."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> LoramixConfig:
+        problems = []
+        n = len(self.data.domains)
+        if n and self.router.top_k > n:
+            problems.append(
+                f"`router.top_k` must be in [1, {n}] (the number of domains), got {self.router.top_k}. "
+                "Lower top_k or add domains."
+            )
+        if self.universal.enabled and self.recipe != "modula":
+            problems.append(
+                f"`universal.enabled` is only used by recipe `modula`, got recipe `{self.recipe}`. "
+                "Set `recipe: modula` or `universal.enabled: false`."
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check the spelling against `loramix config-help`"
+        lines.append(f"  `{key}`: {msg} (got {got!r})" if e["type"] != "missing" else f"  `{key}`: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into a key path and a YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like `key.path=value`, e.g. `router.top_k=2`.")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``data`` with dotted-path overrides applied (``expert.rank=16``)."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `{text}`: `{'.'.join(path[: i + 1])}` is not a section.")
+            node = node.setdefault(part, {})
+        last = path[-1]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override `{text}`: `{'.'.join(path[:-1])}` is not a section.")
+    return data
+
+
+def build_config(data: dict | None, overrides: list[str] = (), source: str = "<dict>") -> LoramixConfig:
+    """Validate a plain dict (plus overrides) into a :class:`LoramixConfig`.
+
+    Raises:
+        ConfigError: listing every invalid or unknown key with the value received and what is allowed.
+    """
+    data = apply_overrides(data or {}, list(overrides))
+    try:
+        return LoramixConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> LoramixConfig:
+    """Read a YAML config file, apply ``key.path=value`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path to a YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}.")
+    return build_config(data, overrides, source=str(path))
+
+
+def dump_config(cfg: LoramixConfig) -> str:
+    """The resolved config as YAML (written next to every checkpoint)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_help(model: type[BaseModel] = LoramixConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted key, default and description (the config reference)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += config_help(ann, key + ".")
+            continue
+        default = field.default if field.default_factory is None else field.default_factory()
+        lines.append(f"{key} = {default!r}: {field.description or ''}")
+    return lines

@@ -1,0 +1,79 @@
+"""Scoring: exact match of greedy completions, completion loss, router accuracy."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from loramix.data import Example, collate
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def exact_match(model, examples: Sequence[Example], tokenizer, *, batch_size: int = 64,
+                generate_kwargs: dict | None = None) -> float:  # fmt: skip
+    """Fraction of examples whose greedy completion equals the reference exactly.
+
+    ``model`` is anything with transformers' ``generate(input_ids=, attention_mask=, ...)``:
+    a base model, a PEFT model or a :class:`~loramix.model.MixtureModel`.
+    """
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = collate(chunk, tokenizer.pad_token_id, prompt_only=True)
+        longest = max(len(e.input_ids) - e.prompt_len for e in chunk)
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **(generate_kwargs or {}),
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
+        for e, row in zip(chunk, new.tolist()):
+            want = e.input_ids[e.prompt_len :]  # completion + eos
+            hits += row[: len(want)] == want
+    return hits / max(len(examples), 1)
+
+
+@torch.no_grad()
+def completion_loss(forward: Callable[[dict], torch.Tensor], examples: Sequence[Example], pad_id: int,
+                    batch_size: int = 64) -> float:  # fmt: skip
+    """Token-weighted mean loss on completions; ``forward(batch)`` returns logits ``[b, t, V]``."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], pad_id)
+        logits = forward(batch)[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum", ignore_index=-100)
+        total += float(loss)
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def router_confusion(mm, examples_by_domain: dict[str, Sequence[Example]], pad_id: int,
+                     batch_size: int = 64) -> tuple[float, list[list[int]]]:  # fmt: skip
+    """Router accuracy (top-1 gate == the example's domain) and the confusion matrix.
+
+    ``confusion[i][j]`` counts prompts of domain ``i`` routed to expert ``j`` (in
+    ``mm.expert_names`` order); domains without an expert of their name are skipped.
+    """
+    names = mm.expert_names
+    confusion = [[0] * len(names) for _ in names]
+    for domain, examples in examples_by_domain.items():
+        if domain not in names:
+            continue
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i : i + batch_size], pad_id, prompt_only=True)
+            picks = mm.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).argmax(-1)
+            for j in picks.tolist():
+                confusion[names.index(domain)][j] += 1
+    total = sum(map(sum, confusion))
+    correct = sum(confusion[i][i] for i in range(len(names)))
+    return correct / max(total, 1), confusion

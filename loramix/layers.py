@@ -1,0 +1,181 @@
+r"""MixtureLinear: a base linear plus a gated sum of stacked LoRA experts.
+
+    y = W0 x + sum_e g_e(x) * s_e * B_e A_e x            s_e = alpha_e / r_e (or alpha_e / sqrt(r_e), rsLoRA)
+
+With a MoDULA universal LoRA (B_u, A_u, s_u) trained first and frozen:
+
+    flan:  y = W0 x + s_u B_u A_u x + sum_e g_e s_e B_e A_e x
+    res:   h = s_u B_u A_u x ;  y = W0 x + h + sum_e g_e s_e B_e silu(A_e h)
+
+The experts of one module are stored concatenated along the rank dimension, ``A [R, d_in]``,
+``B [d_out, R]`` with R = sum_e r_e, so the whole mixture is two GEMMs: the gate of each expert
+is expanded to its ranks and folded in between (``(x A^T) * gate_per_rank) B^T``). Gates come
+per sequence ``[batch, E]`` or per token ``[batch, seq, E]``; experts whose gate is zero for the
+whole batch are sliced out before the matmuls. Experts are frozen (``requires_grad=False``):
+they are trained elsewhere (PEFT / Ray Train); a mixture trains only its router.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class Routing:
+    """Gate state shared by every :class:`MixtureLinear` of one mixture during one call.
+
+    Not an ``nn.Module``: it holds per-call tensors, never parameters.
+    """
+
+    def __init__(self) -> None:
+        self.router = None  # routers.Router that supplies block / token gates
+        self.reset()
+
+    def reset(self) -> None:
+        self.weights: torch.Tensor | None = None  # [batch, E] per-sequence gates
+        self.active: tuple[bool, ...] | None = None  # experts with a nonzero gate in the batch
+        self.block_gates: dict[int, torch.Tensor] = {}  # MoLE: block -> [batch, E]
+        self.pool_mask: torch.Tensor | None = None  # [batch, seq] mask for pooling the prompt
+        self.freeze = False  # generation: keep gates computed on the prompt for later tokens
+        self.disabled = False  # plain base forward (router features, the `base` baseline)
+        self.record: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (gates, token mask)
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        self.weights = weights
+        # One host sync per call (not per layer) decides which experts the layers may skip.
+        self.active = tuple((weights != 0).any(0).tolist())
+
+    def gates_for(self, layer: MixtureLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if self.weights is not None:
+            return expand_batch(self.weights, x.shape[0])
+        if self.router is None:
+            return None
+        return self.router.layer_gates(self, layer, x)
+
+
+def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat per-prompt routing state for generate's expanded batch (num_return_sequences)."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"routing was computed for batch {t.shape[0]} but the model ran batch {batch}.")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
+
+
+class MixtureLinear(nn.Module):
+    """An ``nn.Linear`` with stacked LoRA experts mixed by gates.
+
+    Args:
+        base_layer: the frozen base linear (kept as ``base_layer``, as PEFT does).
+        lora_A: ``[R, d_in]`` concatenated expert A matrices.
+        lora_B: ``[d_out, R]`` concatenated expert B matrices.
+        expert_of_rank: ``[R]`` index of the expert owning each rank.
+        scale_of_rank: ``[R]`` LoRA scale of the owning expert.
+        key: the module path in the base model (keys token routers).
+        block: index of the transformer block holding the layer (keys block gates).
+        universal: optional ``(A_u [r_u, d_in], B_u [d_out, r_u], s_u)`` MoDULA universal LoRA.
+        variant: ``flan`` or ``res`` (see module docstring).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        expert_of_rank: torch.Tensor,
+        scale_of_rank: torch.Tensor,
+        *,
+        key: str,
+        block: int | None,
+        routing: Routing,
+        universal: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+        variant: str = "flan",
+    ):
+        super().__init__()
+        if variant not in ("flan", "res"):
+            raise ValueError(f"`variant` must be 'flan' or 'res', got {variant!r}.")
+        if variant == "res" and universal is None:
+            raise ValueError("the `res` variant feeds experts the universal LoRA's output; pass `universal`.")
+        self.base_layer = base_layer
+        dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        self.lora_A = nn.Parameter(lora_A.to(device, dtype), requires_grad=False)
+        self.lora_B = nn.Parameter(lora_B.to(device, dtype), requires_grad=False)
+        self.register_buffer("expert_of_rank", expert_of_rank.to(device), persistent=False)
+        self.register_buffer("scale_of_rank", scale_of_rank.to(device, dtype), persistent=False)
+        if universal is not None:
+            self.universal_A = nn.Parameter(universal[0].to(device, dtype), requires_grad=False)
+            self.universal_B = nn.Parameter(universal[1].to(device, dtype), requires_grad=False)
+            self.universal_scale = float(universal[2])
+        else:
+            self.universal_A = self.universal_B = None
+        self.key, self.block, self.variant = key, block, variant
+        object.__setattr__(self, "routing", routing)  # shared state, deliberately not a submodule
+        self._slices: dict[tuple[bool, ...], torch.Tensor] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def _active_ranks(self, active: tuple[bool, ...] | None) -> torch.Tensor | None:
+        """Indices of the ranks owned by active experts, or None when every rank is needed."""
+        if active is None or all(active):
+            return None
+        idx = self._slices.get(active)
+        if idx is None:
+            keep = torch.tensor(active, device=self.expert_of_rank.device)[self.expert_of_rank]
+            idx = self._slices[active] = keep.nonzero().flatten()
+        return idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        routing = self.routing
+        if routing.disabled:
+            return y
+        z = x
+        if self.universal_A is not None:
+            h = F.linear(F.linear(x, self.universal_A), self.universal_B) * self.universal_scale
+            y = y + h
+            if self.variant == "res":
+                z = h
+        gates = routing.gates_for(self, x)  # None, [batch, E] or [batch, seq, E]
+        if gates is None or self.lora_A.shape[0] == 0:
+            return y
+        A, B, owner, scale = self.lora_A, self.lora_B, self.expert_of_rank, self.scale_of_rank
+        idx = self._active_ranks(routing.active) if gates.dim() == 2 else None
+        if idx is not None:
+            if idx.numel() == 0:
+                return y
+            A, B, owner, scale = A[idx], B[:, idx], owner[idx], scale[idx]
+        rank_gates = gates[..., owner].to(A.dtype) * scale  # [batch, (seq,) R]
+        if rank_gates.dim() == 2:  # per sequence: broadcast over every token position
+            rank_gates = rank_gates.view(rank_gates.shape[0], *([1] * (x.dim() - 2)), -1)
+        t = F.linear(z.to(A.dtype), A)  # [batch, seq, R]
+        if self.variant == "res":
+            t = F.silu(t)
+        return y + F.linear(t * rank_gates, B).to(y.dtype)
+
+    def expert_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A_i, B_i)`` of expert ``i`` on this module, or None if it does not adapt it."""
+        idx = (self.expert_of_rank == i).nonzero().flatten()
+        if idx.numel() == 0:
+            return None
+        return self.lora_A[idx].detach(), self.lora_B[:, idx].detach()
+
+    def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
+        """Dense ``sum_e w_e s_e B_e A_e`` (+ universal), ``[d_out, d_in]``, for static ``weights [E]``."""
+        if self.variant == "res":
+            raise ValueError("MoDULA-Res experts are non-linear in x and cannot be merged into W; use `flan`.")
+        w = weights.to(self.lora_A.device, torch.float32)[self.expert_of_rank] * self.scale_of_rank.float()
+        delta = (self.lora_B.float() * w) @ self.lora_A.float()
+        if self.universal_A is not None:
+            delta = delta + self.universal_scale * (self.universal_B.float() @ self.universal_A.float())
+        return delta

@@ -1,0 +1,117 @@
+"""The offline demo world: a character tokenizer, a tiny Llama, and conflicting domains.
+
+Every domain maps the same kind of input (a short lowercase word) to a different output, and a
+cue word at the start of the prompt names the domain::
+
+    prompt: "reverse hello="   completion: "olleh"
+    prompt: "sort hello="      completion: "ehllo"
+
+so one LoRA cannot serve all domains well without knowing which one it is in, while a router
+can. The base model is pre-trained on the same format with the identity (``copy``) so experts
+adapt a model that already knows the format.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from collections.abc import Callable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def _rotate(s: str) -> str:
+    return s[1:] + s[:1]
+
+
+def _shift(s: str) -> str:
+    return "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in s)
+
+
+def _swap(s: str) -> str:
+    pairs = [s[i : i + 2][::-1] for i in range(0, len(s), 2)]
+    return "".join(pairs)
+
+
+# Domain name -> transformation. `copy` is what the base learns in pre-training.
+TASKS: dict[str, Callable[[str], str]] = {
+    "copy": lambda s: s,
+    "reverse": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "rotate": _rotate,
+    "shift": _shift,
+    "swap": _swap,
+}
+
+
+def build_tokenizer(cue_words: list[str] = tuple(TASKS)) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer over printable ASCII, with cue words as single tokens.
+
+    Round-trips through ``save_pretrained``/``from_pretrained``; decodes without spaces.
+    """
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL.values())}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **SPECIAL)
+    fast.add_tokens(list(cue_words))  # whole-word tokens: the domain cue is one symbol
+    return fast
+
+
+def build_base(tokenizer: PreTrainedTokenizerFast, *, hidden_size=128, intermediate_size=256, num_layers=4,
+               num_heads=4, max_length=64) -> LlamaForCausalLM:  # fmt: skip
+    """A tiny Llama (tied embeddings) sized to the tokenizer."""
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max(2 * max_length, 128),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def make_rows(task: str, n: int, seed: int, min_len: int = 4, max_len: int = 8) -> list[dict]:
+    """``n`` prompt/completion rows of one task over random lowercase words."""
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; choose from {sorted(TASKS)}.")
+    rng = random.Random(f"{task}-{seed}")
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(min_len, max_len)))
+        rows.append({"prompt": f"{task} {word}=", "completion": TASKS[task](word)})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def write_demo_data(out_dir: str | Path, tasks: list[str], train_size: int = 4000, eval_size: int = 200) -> dict:
+    """Write ``<task>.train.jsonl`` and ``<task>.eval.jsonl`` per task; returns the domains list."""
+    out_dir = Path(out_dir)
+    domains = []
+    for task in tasks:
+        train = write_jsonl(make_rows(task, train_size, seed=0), out_dir / f"{task}.train.jsonl")
+        evals = write_jsonl(make_rows(task, eval_size, seed=1), out_dir / f"{task}.eval.jsonl")
+        domains.append({"name": task, "train": str(train), "eval": str(evals)})
+    return {"domains": domains}

@@ -1,0 +1,83 @@
+"""MixtureLinear alone: gates per sequence / token, skipping, universal flan / res."""
+
+import torch
+from helpers import assert_close
+from tiny import TinyMLP
+
+from loramix.layers import MixtureLinear, Routing
+
+
+def make_layer(ranks=(2, 3, 4), universal=None, variant="flan", seed=0, d_in=10, d_out=20):
+    torch.manual_seed(seed)
+    base = TinyMLP().lin0
+    A = [torch.randn(r, d_out if variant == "res" else d_in) for r in ranks]
+    B = [torch.randn(d_out, r) for r in ranks]
+    owner = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
+    scale = torch.cat([torch.full((r,), 0.5 * (i + 1)) for i, r in enumerate(ranks)])
+    routing = Routing()
+    layer = MixtureLinear(base, torch.cat(A), torch.cat(B, 1), owner, scale, key="lin0", block=None,
+                          routing=routing, universal=universal, variant=variant)  # fmt: skip
+    return layer, routing, A, B
+
+
+def expert_out(layer, A, B, i, x):
+    return 0.5 * (i + 1) * (x @ A[i].T @ B[i].T)
+
+
+def test_uniform_gates_give_mean_of_experts():
+    layer, routing, A, B = make_layer()
+    x = torch.randn(4, 5, 10)
+    base = layer.base_layer(x)
+    routing.set_weights(torch.full((4, 3), 1 / 3))
+    want = base + sum(expert_out(layer, A, B, i, x) for i in range(3)) / 3
+    assert_close(layer(x), want)
+
+
+def test_token_gates():
+    layer, routing, A, B = make_layer()
+    x = torch.randn(2, 6, 10)
+    gates = torch.rand(2, 6, 3)
+
+    class Fixed:
+        def layer_gates(self, routing, layer, x):
+            return gates
+
+    routing.router = Fixed()
+    want = layer.base_layer(x) + sum(gates[..., i : i + 1] * expert_out(layer, A, B, i, x) for i in range(3))
+    assert_close(layer(x), want)
+
+
+def test_zero_gate_experts_are_skipped_with_same_result():
+    layer, routing, A, B = make_layer()
+    x = torch.randn(3, 4, 10)
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.0]])
+    routing.set_weights(w)
+    out = layer(x)
+    assert routing.active == (False, True, False)
+    assert list(layer._slices[routing.active].tolist()) == [2, 3, 4]  # only expert 1's ranks
+    want = layer.base_layer(x) + w[:, 1, None, None] * expert_out(layer, A, B, 1, x)
+    assert_close(out, want)
+
+
+def test_universal_flan_and_res():
+    torch.manual_seed(1)
+    uA, uB = torch.randn(3, 10), torch.randn(20, 3)
+    x = torch.randn(2, 4, 10)
+    w = torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]])
+    for variant in ("flan", "res"):
+        layer, routing, A, B = make_layer(universal=(uA, uB, 2.0), variant=variant)
+        routing.set_weights(w)
+        h = 2.0 * (x @ uA.T @ uB.T)
+        z = h if variant == "res" else x
+        act = torch.nn.functional.silu if variant == "res" else (lambda t: t)
+        experts = sum(w[:, i, None, None] * 0.5 * (i + 1) * (act(z @ A[i].T) @ B[i].T) for i in range(3))
+        assert_close(layer(x), layer.base_layer(x) + h + experts, atol=1e-4)
+
+
+def test_delta_weight_equals_forward():
+    layer, routing, A, B = make_layer()
+    w = torch.tensor([0.3, -1.0, 2.0])
+    x = torch.randn(5, 10)
+    routing.set_weights(w.expand(5, -1))
+    merged = layer.base_layer(x) + x @ layer.delta_weight(w).T
+    assert_close(layer(x), merged, atol=1e-4)
