@@ -48,3 +48,57 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def fingerprint(*parts: object) -> str:
+    """Stable hash of JSON-able parts (pydantic models are dumped first)."""
+    import hashlib
+
+    def plain(p):
+        return p.model_dump(mode="json") if hasattr(p, "model_dump") else p
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """Content hash of a file or a directory tree (``None`` for no path)."""
+    import hashlib
+
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist. Check the path in `data.domains`.")
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class StageStore:
+    """``OUTPUT/stages/<name>.json`` markers: a stage whose input hash matches is skipped.
+
+    A marker is written (atomically) only after the stage's outputs are in place, so a crash
+    leaves either a finished stage or none.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "stages"
+
+    def _path(self, name: str) -> Path:
+        return self.root / (name.replace("/", "__") + ".json")
+
+    def done(self, name: str, digest: str) -> dict | None:
+        path = self._path(name)
+        if not path.is_file():
+            return None
+        marker = read_json(path)
+        return marker["result"] if marker.get("hash") == digest else None
+
+    def mark(self, name: str, digest: str, result: dict) -> None:
+        write_json(self._path(name), {"hash": digest, "result": result})

@@ -157,6 +157,8 @@ class TrainConfig(_Section):
     """Write a resumable checkpoint every N optimizer steps."""
     max_failures: int = Field(2, ge=0)
     """Worker failures Ray Train retries before giving up on a stage."""
+    storage_path: str | None = None
+    """Ray Train checkpoint storage: a shared path or `s3://`/`gs://` URI (default `OUTPUT/ray_storage`)."""
 
 
 class ResourcesConfig(_Section):
@@ -313,3 +315,10 @@ def config_help(model: type[BaseModel] = LoramixConfig, prefix: str = "") -> lis
         default = field.default if field.default_factory is None else field.default_factory()
         lines.append(f"{key} = {default!r}: {field.description or ''}")
     return lines
+
+
+def config_hash(cfg: LoramixConfig) -> str:
+    """A short stable hash of the resolved config (recorded in reports and stage markers)."""
+    import hashlib
+
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]

@@ -46,13 +46,16 @@ TASKS: dict[str, Callable[[str], str]] = {
     "rotate": _rotate,
     "shift": _shift,
     "swap": _swap,
+    "upper": str.upper,
 }
 
 
 def build_tokenizer(cue_words: list[str] = tuple(TASKS)) -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer over printable ASCII, with cue words as single tokens.
 
-    Round-trips through ``save_pretrained``/``from_pretrained``; decodes without spaces.
+    Round-trips through ``save_pretrained``/``from_pretrained``; decodes without spaces. The
+    default cue words are the demo tasks, fixed, so adding a domain never changes the base;
+    any other domain name is simply spelled out in characters.
     """
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
     vocab = {tok: i for i, tok in enumerate(SPECIAL.values())}

@@ -1,6 +1,8 @@
 """The ``loramix`` command line.
 
-    loramix demo CONFIG [--output DIR] [key.path=value ...]   core-only demo (no Ray)
+    loramix run CONFIG [--output DIR] [--address ADDR] [key.path=value ...]   the pipeline on Ray
+    loramix add-domain OUTPUT --name NAME --train PATH [--eval PATH] [--address ADDR]
+    loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
     loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
     loramix config-help                                        every config key, default and meaning
 """
@@ -17,7 +19,8 @@ logger = logging.getLogger("loramix")
 
 
 def _demo(args) -> int:
-    from loramix.demo import format_report, run_demo
+    from loramix.demo import run_demo
+    from loramix.report import format_report
     from pipelines.progress import bar_report
 
     cfg = load_config(args.config, args.overrides)
@@ -25,6 +28,34 @@ def _demo(args) -> int:
     report = run_demo(cfg, out, progress=bar_report)
     print(format_report(report))
     print(f"\nreport:   {out}/report.json\nartifact: {out}/artifact  (MixtureModel.from_pretrained)")
+    return 0
+
+
+def _run(args) -> int:
+    from loramix.report import format_report
+    from pipelines.run import run_pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.output or cfg.output
+    report = run_pipeline(cfg, out, args.address)
+    print(format_report(report))
+    cached = report.get("cached_stages") or []
+    if cached:
+        print(f"\nreused {len(cached)} finished stages: {', '.join(cached)}")
+    print(f"\nreport:   {out}/report.json (+ report.md, accuracy.png, confusion.png, loss_curves.png)")
+    print(f"artifact: {out}/artifact  (MixtureModel.from_pretrained, loramix serve)")
+    return 0
+
+
+def _add_domain(args) -> int:
+    from pipelines.add_domain import add_domain
+
+    report = add_domain(args.output, args.name, args.train, args.eval, args.address)
+    info = report["add_domain"]
+    print(f"added {info['name']}: {info['new_expert_steps']} expert steps vs {info['multitask_steps_all_domains']} "
+          f"to retrain the multitask LoRA (ratio {info['compute_ratio']:.2f})")  # fmt: skip
+    for d, v in info["old_domains"].items():
+        print(f"  {d}: {v['before']:.3f} -> {v['after']:.3f} ({v['delta']:+.3f})")
     return 0
 
 
@@ -46,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loramix", description="Mixtures of LoRA experts on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the pipeline on Ray (local instance, RAY_ADDRESS or --address)")
+    p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("--output", help="output directory (default: the config's `output`); shared storage on a cluster")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local instance)")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. router.top_k=2")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("add-domain", help="train one new expert into a finished run and refresh its router")
+    p.add_argument("output", help="the finished run's output directory")
+    p.add_argument("--name", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--eval")
+    p.add_argument("--address")
+    p.set_defaults(func=_add_domain)
     p = sub.add_parser("demo", help="run the offline demo end to end in this process (no Ray)")
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("--output", help="output directory (default: the config's `output`)")
@@ -53,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
     p = sub.add_parser("demo-data", help="write the demo domains as JSONL")
     p.add_argument("dir")
-    p.add_argument("--tasks", nargs="+", default=["reverse", "sort", "rotate", "shift"])
+    p.add_argument("--tasks", nargs="+", default=["reverse", "rotate", "shift", "swap"])
     p.add_argument("--train-size", type=int, default=4000)
     p.add_argument("--eval-size", type=int, default=200)
     p.set_defaults(func=_demo_data)
@@ -63,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may follow options: `CONFIG --output D a.b=1`
+    if extra and (not hasattr(args, "overrides") or any("=" not in x or x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
     try:

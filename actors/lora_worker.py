@@ -1,0 +1,198 @@
+"""Ray Train worker loop: train one LoRA (a domain expert, the universal LoRA or the multitask
+baseline) with a DeepSpeed engine, data from Ray Data, resumable checkpoints.
+
+Built into a ``TorchTrainer`` by :mod:`pipelines.experts`; the maths and the loop come from
+:mod:`loramix.loops`, this file only wires DeepSpeed, Ray Data and Ray Train reporting around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loramix import loops
+from loramix.config import ExpertConfig
+from loramix.data import IGNORE
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "expert"  # PEFT adapter name inside the worker; the directory name is the domain
+
+
+class DeepSpeedStepper:
+    """:class:`loramix.loops.Stepper` over a DeepSpeed engine (clipping and LR schedule inside)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+
+def pad_batch(batch: dict, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Left-pad a Ray Data numpy batch of variable-length ``input_ids``/``labels`` lists."""
+    seqs, labs = list(batch["input_ids"]), list(batch["labels"])
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labs)):
+        ids[i, width - len(s) :] = torch.as_tensor(s)
+        labels[i, width - len(s) :] = torch.as_tensor(lab)
+        mask[i, width - len(s) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, seed: int):
+    """Endless epochs over this worker's Ray Data shard, stopping after ``steps`` batches."""
+    done, epoch = 0, 0
+    while done < steps:
+        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * micro_batch, local_shuffle_seed=seed + epoch):  # fmt: skip
+            yield pad_batch(batch, pad_id, device)
+            done += 1
+            if done >= steps:
+                return
+        epoch += 1
+
+
+def build_peft_model(base, cfg: ExpertConfig, universal_dir: str | None):
+    """A PEFT model whose only trainable adapter is ``ADAPTER``; a universal LoRA, if given, is frozen below it."""
+    from peft import PeftModel, get_peft_model
+
+    lora = loops.lora_config(cfg)
+    if universal_dir is None:
+        return get_peft_model(base, lora, adapter_name=ADAPTER)
+    model = PeftModel.from_pretrained(base, universal_dir, adapter_name="universal")
+    model.add_adapter(ADAPTER, lora)
+    model.base_model.set_adapter(["universal", ADAPTER])  # marks both trainable; freeze universal below
+    for name, p in model.named_parameters():
+        p.requires_grad = f".{ADAPTER}." in name
+    return model
+
+
+def deepspeed_config(template: dict, cfg: ExpertConfig, world_size: int) -> dict:
+    """Fill the ``auto`` fields of a ``configs/deepspeed/*.json`` template from the schema."""
+    if cfg.batch_size % world_size:
+        raise ValueError(f"`expert.batch_size` ({cfg.batch_size}) must be divisible by `resources.num_workers` ({world_size}).")
+    ds = json.loads(json.dumps(template))
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // world_size
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds["train_batch_size"] = cfg.batch_size
+    return ds
+
+
+def train_lora_worker(config: dict) -> None:
+    """``train_loop_per_worker`` for one LoRA.
+
+    ``config`` keys: ``optim`` (an ExpertConfig dict), ``base``, ``tokenizer``, ``dtype``,
+    ``ds_config`` (template), ``universal`` (dir or None), ``name``, ``seed``,
+    ``checkpoint_every``, ``log_every``, ``progress`` (a ProgressActor handle or None).
+    """
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = ExpertConfig.model_validate(config["optim"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    progress, name = config.get("progress"), config["name"]
+    if progress is not None:
+        progress.worker.remote(name, rank, ray.get_runtime_context().get_node_id())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None and _report_if_finished(checkpoint, rank):
+        return
+    torch.manual_seed(config["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
+    base = AutoModelForCausalLM.from_pretrained(config["base"], dtype=getattr(torch, config["dtype"]))
+    model = build_peft_model(base, cfg, config.get("universal"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loops.warmup_cosine(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=trainable,
+                                           config=deepspeed_config(config["ds_config"], cfg, world))  # fmt: skip
+    start = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag="state")
+            start = json.loads((Path(ckpt_dir) / "step.json").read_text())["step"]
+        logger.info("%s: resumed from step %d", name, start)
+    shard = ray.train.get_dataset_shard("train")
+    micro = cfg.batch_size // world
+    batches = shard_batches(shard, micro, tokenizer.pad_token_id, device, steps=cfg.steps - start, seed=config["seed"] + start)
+    log_every, ckpt_every = config["log_every"], config["checkpoint_every"]
+    started = time.perf_counter()
+
+    def report(metrics: dict, _ckpt=None) -> None:
+        step = metrics["step"]
+        if rank == 0 and progress is not None:
+            progress.update.remote(name, step, cfg.steps, metrics["loss"])
+        if step % ckpt_every == 0 and step < cfg.steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag="state")  # every rank writes its ZeRO partition
+                (Path(tmp) / "step.json").write_text(json.dumps({"step": step}))
+                t0 = time.perf_counter()
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                logger.info("%s: checkpoint at step %d saved in %.1fs", name, step, time.perf_counter() - t0)
+        elif step % log_every == 0:
+            ray.train.report(metrics)
+
+    summary = loops.run_steps(engine, batches, loops.lm_loss, DeepSpeedStepper(engine), report=report,
+                              log_every=log_every, start_step=start)  # fmt: skip
+    final = {"step": cfg.steps, "loss": summary["final_loss"], "final_loss": summary["final_loss"],
+             "seconds": time.perf_counter() - started, "resumed_from": start, "losses": summary["losses"]}  # fmt: skip
+    save_adapter(engine, model, name, final, rank)
+
+
+def _report_if_finished(checkpoint, rank: int) -> bool:
+    """A relaunched run whose latest checkpoint is already the final adapter reports it again."""
+    import ray.train
+
+    with checkpoint.as_directory() as ckpt_dir:
+        summary = Path(ckpt_dir) / "summary.json"
+        if not summary.is_file():
+            return False
+        final = json.loads(summary.read_text())
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copytree(ckpt_dir, tmp, dirs_exist_ok=True)
+                ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(final)
+    return True
+
+
+def save_adapter(engine, model, name: str, final: dict, rank: int) -> None:
+    """Gather (ZeRO-3) and write the PEFT adapter on rank 0; report it as the final checkpoint."""
+    import deepspeed
+    import ray.train
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                model.save_pretrained(tmp, selected_adapters=[ADAPTER])
+                src = Path(tmp) / ADAPTER if (Path(tmp) / ADAPTER).is_dir() else Path(tmp)
+                (Path(tmp) / "adapter_path.txt").write_text(os.path.relpath(src, tmp))
+                (Path(tmp) / "summary.json").write_text(json.dumps(final))
+                ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(final)

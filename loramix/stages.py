@@ -1,0 +1,166 @@
+"""Stage bodies shared by the in-process demo and the Ray pipeline: plain functions, no Ray.
+
+    base -> (universal) -> experts -> multitask_lora -> router -> eval -> export
+
+Each takes the validated config and paths, does its work and returns a JSON-able summary; the
+Ray shells in ``pipelines/`` decide where and when each runs and cache them by input hash.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from loramix import data, evaluate, loops, synthetic
+from loramix.config import LoramixConfig
+from loramix.merge import merge_adapters
+from loramix.model import MixtureModel
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "mixture")
+
+
+def _quiet(metrics, ckpt=None) -> None:
+    return None
+
+
+def prepare_base(cfg: LoramixConfig, out_dir: str | Path, report=_quiet) -> dict:
+    """Pre-train and save the demo base (``model.base: synthetic``) or name the real one.
+
+    Returns:
+        ``{"base": <dir or hub id>, "tokenizer": <dir or hub id>}``.
+    """
+    if cfg.model.base != "synthetic":
+        return {"base": cfg.model.base, "tokenizer": cfg.model.tokenizer or cfg.model.base}
+    out_dir = Path(out_dir)
+    tokenizer = synthetic.build_tokenizer()
+    s = cfg.model.synthetic
+    torch.manual_seed(cfg.seed)
+    base = synthetic.build_base(tokenizer, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                                num_layers=s.num_layers, num_heads=s.num_heads, max_length=cfg.data.max_length)  # fmt: skip
+    if s.pretrain_steps:
+        rows = synthetic.make_rows("copy", 20000, seed=cfg.seed)
+        examples = data.tokenize_rows(rows, tokenizer, cfg.data.max_length)
+        optim = loops.OptimConfig(steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr)
+        it = data.batches(examples, s.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=s.pretrain_steps)
+        loops.run_steps(base, it, loops.lm_loss, loops.TorchStepper(base.parameters(), optim), report=report,
+                        log_every=cfg.train.log_every)  # fmt: skip
+    base.eval().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"base": str(out_dir), "tokenizer": str(out_dir)}
+
+
+def load_base(cfg: LoramixConfig, base_info: dict):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_info["base"], dtype=getattr(torch, cfg.model.dtype)).eval()
+
+
+def load_tokenizer(base_info: dict):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_info["tokenizer"])
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # real tokenizers often lack one; padding is masked anyway
+    return tok
+
+
+def domain_examples(cfg: LoramixConfig, tokenizer, split: str) -> dict[str, list[data.Example]]:
+    """Tokenised examples per domain for ``split`` (``train`` or ``eval``), domain index = config order."""
+    out = {}
+    for i, d in enumerate(cfg.data.domains):
+        path = getattr(d, split)
+        if path is None:
+            raise ValueError(f"domain {d.name!r} has no `{split}` file; set `data.domains[{i}].{split}`.")
+        ex = data.load_domain(path, tokenizer, cfg.data.max_length, i, cfg.data.prompt_field, cfg.data.completion_field)[1]
+        out[d.name] = ex[: cfg.data.eval_limit] if split == "eval" else ex
+    return out
+
+
+def train_router_stage(cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], out_dir: str | Path,
+                       report=_quiet, universal: str | None = None) -> dict:  # fmt: skip
+    """Freeze base + experts, train the recipe's router, save the mixture artifact to ``out_dir``."""
+    tokenizer = load_tokenizer(base_info)
+    train = domain_examples(cfg, tokenizer, "train")
+    mm = MixtureModel.from_adapters(load_base(cfg, base_info), adapters, router=cfg.recipe, top_k=cfg.router.top_k,
+                                    universal=universal, variant=cfg.universal.variant, **router_kwargs(cfg))  # fmt: skip
+    mixed = [e for name in mm.expert_names for e in train[name]]
+    it = data.batches(mixed, cfg.router.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=cfg.router.steps)
+    summary = loops.train_router(cfg.router, mm, it, report=report, recipe=cfg.recipe, log_every=cfg.train.log_every)
+    base_path = base_info["base"]
+    mm.save_pretrained(out_dir, base_path=str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path)
+    tokenizer.save_pretrained(Path(out_dir) / "tokenizer")
+    return {k: summary[k] for k in ("steps", "final_loss", "losses", "seconds")}
+
+
+def router_kwargs(cfg: LoramixConfig) -> dict:
+    return {"temperature": cfg.router.temperature} if cfg.recipe == "mole" else {}
+
+
+class _Bound:
+    """Adds fixed keyword arguments to ``generate``/``__call__`` (the oracle's expert weights)."""
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs = model, kwargs
+
+    def generate(self, **kw):
+        return self.model.generate(**kw, **self.kwargs)
+
+    def __call__(self, **kw):
+        return self.model(**kw, **self.kwargs)
+
+
+def method_models(method: str, cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], *,
+                  artifact: str | None, multitask: str | None):  # fmt: skip
+    """``domain -> model`` builder for one evaluated method (each model has ``generate`` and ``__call__``)."""
+    base = load_base(cfg, base_info)
+    if method == "base":
+        return lambda d: base
+    if method == "oracle":
+        return lambda d: _Bound(MixtureModel.from_adapters(copy.deepcopy(base), {d: adapters[d]}, router=None),
+                                expert_weights=[1.0])  # fmt: skip
+    if method == "multitask_lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, multitask).eval()
+        return lambda d: model
+    if method in ("merge_linear", "merge_ties"):
+        model = merge_adapters(base, adapters, combination_type=method.removeprefix("merge_"))
+        return lambda d: model
+    if method == "mixture":
+        model = MixtureModel.from_pretrained(artifact, base_model=base)
+        return lambda d: model
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")
+
+
+def evaluate_method(method: str, cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], *,
+                    artifact: str | None = None, multitask: str | None = None) -> dict:  # fmt: skip
+    """Exact match and completion loss of one method on every domain's eval split."""
+    tokenizer = load_tokenizer(base_info)
+    evals = domain_examples(cfg, tokenizer, "eval")
+    build = method_models(method, cfg, base_info, adapters, artifact=artifact, multitask=multitask)
+    per = {}
+    for name, examples in evals.items():
+        model = build(name)
+        em = evaluate.exact_match(model, examples, tokenizer)
+
+        def forward(batch, model=model):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+        with torch.no_grad():
+            loss = evaluate.completion_loss(forward, examples, tokenizer.pad_token_id)
+        per[name] = {"exact_match": em, "loss": loss}
+    avg = {k: sum(v[k] for v in per.values()) / len(per) for k in ("exact_match", "loss")}
+    return {"per_domain": per, "avg": avg}
+
+
+def router_stage_eval(cfg: LoramixConfig, base_info: dict, artifact: str) -> dict:
+    """Router accuracy and confusion matrix on the eval prompts."""
+    tokenizer = load_tokenizer(base_info)
+    mm = MixtureModel.from_pretrained(artifact, base_model=load_base(cfg, base_info))
+    acc, confusion = evaluate.router_confusion(mm, domain_examples(cfg, tokenizer, "eval"), tokenizer.pad_token_id)
+    return {"accuracy": acc, "confusion": confusion, "labels": mm.expert_names}
