@@ -115,7 +115,7 @@ def train_lora_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     progress, name = config.get("progress"), config["name"]
     if progress is not None:
-        progress.worker.remote(name, rank, ray.get_runtime_context().get_node_id())
+        progress.worker.remote(name, rank, ray.get_runtime_context().get_node_id(), os.getpid())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and _report_if_finished(checkpoint, rank):
         return

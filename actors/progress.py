@@ -12,12 +12,18 @@ class ProgressActor:
     def __init__(self) -> None:
         self.jobs: dict[str, tuple[int, int, float]] = {}
         self.nodes: dict[str, dict[int, str]] = {}
+        self.pids: dict[str, dict[int, int]] = {}
 
     def update(self, job: str, step: int, total: int, loss: float) -> None:
         self.jobs[job] = (step, total, loss)
 
-    def worker(self, job: str, rank: int, node_id: str) -> None:
+    def worker(self, job: str, rank: int, node_id: str, pid: int) -> None:
         self.nodes.setdefault(job, {})[rank] = node_id
+        self.pids.setdefault(job, {})[rank] = pid
 
     def snapshot(self) -> dict:
-        return {"jobs": dict(self.jobs), "nodes": {k: dict(v) for k, v in self.nodes.items()}}
+        return {
+            "jobs": dict(self.jobs),
+            "nodes": {k: dict(v) for k, v in self.nodes.items()},
+            "pids": {k: dict(v) for k, v in self.pids.items()},
+        }

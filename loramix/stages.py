@@ -149,13 +149,19 @@ def evaluate_method(method: str, cfg: LoramixConfig, base_info: dict, adapters: 
         em = evaluate.exact_match(model, examples, tokenizer)
 
         def forward(batch, model=model):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # A mixture routes on the prompt only, as it does when generating.
+            extra = {"route_mask": loops.prompt_mask(batch)} if _is_mixture(model) else {}
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
 
         with torch.no_grad():
             loss = evaluate.completion_loss(forward, examples, tokenizer.pad_token_id)
         per[name] = {"exact_match": em, "loss": loss}
     avg = {k: sum(v[k] for v in per.values()) / len(per) for k in ("exact_match", "loss")}
     return {"per_domain": per, "avg": avg}
+
+
+def _is_mixture(model) -> bool:
+    return isinstance(getattr(model, "model", model), MixtureModel)
 
 
 def router_stage_eval(cfg: LoramixConfig, base_info: dict, artifact: str) -> dict:

@@ -46,7 +46,6 @@ TASKS: dict[str, Callable[[str], str]] = {
     "rotate": _rotate,
     "shift": _shift,
     "swap": _swap,
-    "upper": str.upper,
 }
 
 

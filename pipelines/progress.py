@@ -45,7 +45,9 @@ def wait_with_bars(refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5
         for job, (step, total, loss) in snap["jobs"].items():
             if job not in refs:
                 continue
-            bar = bars.get(job) or bars.setdefault(job, tqdm(total=total, desc=job, unit="step", dynamic_ncols=True))
+            if job not in bars:
+                bars[job] = tqdm(total=total, desc=job, unit="step", dynamic_ncols=True, position=len(bars))
+            bar = bars[job]
             bar.n = step
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.refresh()

@@ -207,5 +207,10 @@ def _gather(named: dict):
 def run_pipeline(cfg: LoramixConfig, output: str | Path | None = None, address: str | None = None) -> dict:
     """Run the whole pipeline on Ray and return the report (see module docstring)."""
     ensure_demo_data(cfg)
+    for d in cfg.data.domains:  # fail before starting Ray, naming the domain
+        for split in ("train", "eval"):
+            path = getattr(d, split)
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"domain {d.name!r}: {split} data {path!r} does not exist.")
     connect(address)
     return Pipeline(cfg, output or cfg.output).run()

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false
-exec .venv/bin/loramix demo configs/quickstart.yaml --output out/quickstart "$@"
+exec .venv/bin/loramix run configs/quickstart.yaml --output out/quickstart "$@"

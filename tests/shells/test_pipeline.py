@@ -1,0 +1,101 @@
+"""`loramix run` / `add-domain` end to end on a real local Ray instance (one per module)."""
+
+import json
+
+import pytest
+import torch
+
+from loramix import MixtureModel
+from loramix.artifact import read_json
+
+from .conftest import small_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPORT_KEYS = {"recipe", "domains", "config_hash", "methods", "router", "training", "timings"}
+METHODS = {"base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "mixture"}
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, tmp_path_factory):
+    from pipelines.run import run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = small_config(root / "data", root / "out", **{"resources.num_workers": 2})
+    report = run_pipeline(cfg, root / "out")
+    snapshot = {p: p.read_bytes() for p in (root / "out" / "experts").rglob("*") if p.is_file()}
+    return cfg, root, report, snapshot
+
+
+def test_report_has_every_method_and_stage(first_run):
+    cfg, root, report, _ = first_run
+    assert REPORT_KEYS <= set(report) and set(report["methods"]) == METHODS
+    for method in METHODS:
+        for domain in ("reverse", "rotate"):
+            row = report["methods"][method]["per_domain"][domain]
+            assert 0.0 <= row["exact_match"] <= 1.0 and row["loss"] > 0
+    assert 0.0 <= report["router"]["accuracy"] <= 1.0 and len(report["router"]["confusion"]) == 2
+    assert report == read_json(root / "out" / "report.json")
+    for name in ("report.md", "accuracy.png", "confusion.png", "loss_curves.png", "config.yaml"):
+        assert (root / "out" / name).stat().st_size > 0, name
+
+
+def test_experts_trained_with_zero2_on_two_workers(first_run):
+    cfg, root, report, _ = first_run
+    for job in ("expert/reverse", "expert/rotate", "multitask_lora"):
+        t = report["training"][job]
+        assert (t["zero_stage"], t["num_workers"]) == (2, 2) and t["node_ids"]
+    assert report["training"]["multitask_lora"]["steps"] == 2 * cfg.expert.steps  # same total budget
+    files = sorted(p.name for p in (root / "out" / "experts" / "reverse").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    curves = json.loads((root / "out" / "curves.json").read_text())
+    assert len(curves["expert/reverse"]) == cfg.expert.steps
+
+
+def test_artifact_loads_and_routes(first_run):
+    cfg, root, report, _ = first_run
+    mm = MixtureModel.from_pretrained(root / "out" / "artifact")  # base from the manifest
+    assert mm.expert_names == ["reverse", "rotate"]
+    gates = mm.route(input_ids=torch.tensor([[5, 6, 7]]))
+    assert torch.allclose(gates.sum(-1), torch.ones(1))
+
+
+def test_rerun_skips_every_stage(first_run):
+    from pipelines.run import run_pipeline
+
+    cfg, root, report, snapshot = first_run
+    again = run_pipeline(cfg, root / "out")
+    assert set(again["cached_stages"]) == {"base", "expert/reverse", "expert/rotate", "multitask_lora", "router",
+                                           *(f"eval/{m}" for m in METHODS)}  # fmt: skip
+    assert again["methods"] == report["methods"]
+    assert all(p.read_bytes() == b for p, b in snapshot.items())
+
+
+def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
+    from pipelines.add_domain import add_domain
+    from loramix.synthetic import make_rows, write_jsonl
+
+    cfg, root, report, snapshot = first_run
+    train = write_jsonl(make_rows("shift", 64, seed=0), root / "data" / "shift.train.jsonl")
+    evals = write_jsonl(make_rows("shift", 8, seed=1), root / "data" / "shift.eval.jsonl")
+    new = add_domain(root / "out", "shift", str(train), str(evals))
+    info = new["add_domain"]
+    assert info["compute_ratio"] <= 1 / 2 and info["new_expert_steps"] == cfg.expert.steps
+    assert set(info["old_domains"]) == {"reverse", "rotate"}
+    assert {"base", "expert/reverse", "expert/rotate"} <= set(new["cached_stages"])
+    assert "expert/shift" not in new["cached_stages"]
+    assert all(p.read_bytes() == b for p, b in snapshot.items())  # old experts byte-identical
+    assert MixtureModel.from_pretrained(root / "out" / "artifact").expert_names == ["reverse", "rotate", "shift"]
+
+
+def test_bad_config_is_a_clear_cli_error(tmp_path, capsys):
+    from pipelines.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("recipe: moa\nrouter: {top_k: 3}\ndata: {domains: [{name: a, train: x.jsonl}]}\n")
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "`router.top_k` must be in [1, 1]" in err and "Traceback" not in err
+    cfg.write_text("data: {domains: [{name: a, train: missing.jsonl}]}\n")
+    assert main(["run", str(cfg), "--output", str(tmp_path / "o")]) == 2
+    assert "missing.jsonl' does not exist" in capsys.readouterr().err
