@@ -63,7 +63,7 @@ def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, s
     done, epoch = 0, 0
     while done < steps:
         for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=4 * micro_batch, local_shuffle_seed=seed + epoch):  # fmt: skip
+                                        local_shuffle_buffer_size=16 * micro_batch, local_shuffle_seed=seed + epoch):  # fmt: skip
             yield pad_batch(batch, pad_id, device)
             done += 1
             if done >= steps:

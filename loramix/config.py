@@ -61,7 +61,7 @@ class ModelConfig(_Section):
     tokenizer: str | None = None
     """Tokenizer directory or hub id; defaults to `model.base`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the base is loaded in (experts and router train in float32 on CPU)."""
+    """Dtype the base is loaded in: `float32` on CPU, `bfloat16` on GPUs."""
     synthetic: SyntheticBaseConfig = SyntheticBaseConfig()
     """Shape and pre-training of the demo base."""
 
@@ -168,21 +168,6 @@ class ResourcesConfig(_Section):
     """One GPU per worker, NCCL backend; otherwise CPU + gloo."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs reserved per training worker."""
-    max_concurrent_experts: int | None = Field(None, ge=1)
-    """Experts trained at once (None: all; the cluster queues what does not fit)."""
-
-
-class ServeConfig(_Section):
-    topology: Literal["fused", "routed"] = "fused"
-    """`fused`: every replica holds all experts; `routed`: a router dispatches to per-expert replicas."""
-    confidence_threshold: float = Field(0.9, ge=0, le=1)
-    """Routed topology: top-1 gate at or above this goes to that expert's own deployment."""
-    max_tokens: int = Field(256, ge=1)
-    """Largest `max_tokens` a request may ask for."""
-    num_replicas: int = Field(1, ge=1)
-    """Replicas of the fused deployment."""
-    max_batch_size: int = Field(16, ge=1)
-    """Requests batched together per forward (`@serve.batch`)."""
 
 
 class LoramixConfig(_Section):
@@ -206,8 +191,6 @@ class LoramixConfig(_Section):
     """Distributed training behaviour."""
     resources: ResourcesConfig = ResourcesConfig()
     """Ray resources."""
-    serve: ServeConfig = ServeConfig()
-    """Serving."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> LoramixConfig:
@@ -222,6 +205,11 @@ class LoramixConfig(_Section):
             problems.append(
                 f"`universal.enabled` is only used by recipe `modula`, got recipe `{self.recipe}`. "
                 "Set `recipe: modula` or `universal.enabled: false`."
+            )
+        if self.universal.enabled and self.universal.variant == "res":
+            problems.append(
+                "`universal.variant: res` is not trainable by the pipeline yet (its experts read the universal "
+                "output, which PEFT cannot train); use `flan`. `MixtureModel` can still serve res experts."
             )
         if problems:
             raise ValueError("\n".join(problems))

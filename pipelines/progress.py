@@ -34,6 +34,9 @@ def wait_with_bars(refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5
         ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=poll_s)
         for name, ref in list(pending.items()):
             if ref in ready:
+                if name in bars:  # finished: draw it complete once, then stop refreshing it
+                    bars[name].n = bars[name].total
+                    bars.pop(name).close()
                 try:
                     results[name] = ray.get(ref)
                 except Exception as err:
@@ -43,7 +46,7 @@ def wait_with_bars(refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5
                 del pending[name]
         snap = ray.get(progress.snapshot.remote())
         for job, (step, total, loss) in snap["jobs"].items():
-            if job not in refs:
+            if job not in pending:
                 continue
             if job not in bars:
                 bars[job] = tqdm(total=total, desc=job, unit="step", dynamic_ncols=True, position=len(bars))

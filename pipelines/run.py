@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from pathlib import Path
 
@@ -52,11 +53,21 @@ def _resources(cfg: LoramixConfig) -> dict:
     return {"num_cpus": 1, "num_gpus": 1 if cfg.resources.use_gpu else 0}
 
 
+def _poster(progress, job: str, total: int, every: int = 5):
+    """A ``report`` callback that posts every few steps to the ProgressActor (for the driver's bars)."""
+
+    def report(metrics: dict, ckpt=None) -> None:
+        if metrics["step"] % every == 0 or metrics["step"] == total:
+            progress.update.remote(job, metrics["step"], total, metrics["loss"])
+
+    return report
+
+
 @ray.remote
-def base_stage(cfg_dict: dict, out_dir: str, store_root: str, digest: str) -> dict:
+def base_stage(cfg_dict: dict, out_dir: str, store_root: str, digest: str, progress) -> dict:
     cfg = LoramixConfig.model_validate(cfg_dict)
     t0 = time.perf_counter()
-    info = stages.prepare_base(cfg, out_dir)
+    info = stages.prepare_base(cfg, out_dir, _poster(progress, "base", cfg.model.synthetic.pretrain_steps))
     result = info | {"seconds": time.perf_counter() - t0}
     StageStore(store_root).mark("base", digest, result)
     return result
@@ -74,20 +85,25 @@ def lora_stage(job: str, digest: str, store_root: str, cfg_dict: dict, base_info
     tokenizer = stages.load_tokenizer(base_info)
     train = stages.domain_examples(cfg, tokenizer, "train")
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for d in domains for e in train[d]]
+    # A global shuffle here, once: Ray Data only shuffles within a local buffer, and file order
+    # (one domain after another) made the multitask LoRA oscillate between domains.
+    random.Random(cfg.seed).shuffle(rows)
     t0 = time.perf_counter()
     summary = fit_lora(job, cfg_dict, base_info=base_info, rows=rows, **kwargs)
-    result = summary | {"seconds": time.perf_counter() - t0, "path": kwargs["out_dir"]}
+    # `seconds` stays the trainer's own time; `wall_seconds` includes waiting for resources.
+    result = summary | {"wall_seconds": time.perf_counter() - t0, "path": kwargs["out_dir"]}
     StageStore(store_root).mark(job, digest, result)
     return result
 
 
 @ray.remote
 def router_stage(cfg_dict: dict, base_info: dict, experts: dict, universal: dict | None, out_dir: str,
-                 store_root: str, digest: str) -> dict:  # fmt: skip
+                 store_root: str, digest: str, progress) -> dict:  # fmt: skip
     cfg = LoramixConfig.model_validate(cfg_dict)
     t0 = time.perf_counter()
     adapters = {name: r["path"] for name, r in experts.items()}
-    summary = stages.train_router_stage(cfg, base_info, adapters, out_dir, universal=universal and universal["path"])
+    summary = stages.train_router_stage(cfg, base_info, adapters, out_dir, _poster(progress, "router", cfg.router.steps),
+                                        universal=universal and universal["path"])  # fmt: skip
     result = summary | {"seconds": time.perf_counter() - t0, "path": out_dir, "zero_stage": None, "num_workers": 1,
                         "node_ids": [ray.get_runtime_context().get_node_id()]}  # fmt: skip
     StageStore(store_root).mark("router", digest, result)
@@ -134,7 +150,7 @@ class Pipeline:
         data = {d.name: (file_digest(d.train), file_digest(d.eval)) for d in cfg.data.domains}
         h_base = fingerprint("base", cfg.model, cfg.seed, cfg.data.max_length)
         base = self._stage("base", h_base, lambda: base_stage.options(**_resources(cfg)).remote(
-            self.cfg_dict, str(out / "base"), root, h_base))  # fmt: skip
+            self.cfg_dict, str(out / "base"), root, h_base, self.progress))  # fmt: skip
         names = list(data)
 
         def lora(job, domains, optim, out_dir, digest, universal=None, after=None):
@@ -143,6 +159,10 @@ class Pipeline:
                 out_dir=out_dir, run_name=f"{job.replace('/', '-')}-{digest}", universal=universal,
                 progress=self.progress))  # fmt: skip
 
+        # Launched first: it is the longest job (N x expert.steps) and overlaps every expert.
+        h_multi = fingerprint("multitask", h_base, cfg.expert, cfg.seed, [data[n][0] for n in names])
+        multi_optim = cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(names)})
+        multitask = lora("multitask_lora", names, multi_optim, str(out / "multitask_lora"), h_multi)
         universal, h_uni = None, None
         if cfg.universal.enabled:
             h_uni = fingerprint("universal", h_base, cfg.universal, cfg.expert.target_modules, [data[n][0] for n in names])
@@ -154,14 +174,11 @@ class Pipeline:
             uni_path = None if universal is None else str(out / "universal")
             experts[name] = lora(f"expert/{name}", [name], cfg.expert, str(out / "experts" / name), h_experts[name],
                                  universal=uni_path, after=universal)  # fmt: skip
-        h_multi = fingerprint("multitask", h_base, cfg.expert, cfg.seed, [data[n][0] for n in names])
-        multi_optim = cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(names)})
-        multitask = lora("multitask_lora", names, multi_optim, str(out / "multitask_lora"), h_multi)
         h_router = fingerprint("router", h_experts, h_uni, cfg.recipe, cfg.router, cfg.universal.variant,
                                [data[n][0] for n in names])  # fmt: skip
         experts_ref = _gather(experts)
         router = self._stage("router", h_router, lambda: router_stage.options(**_resources(cfg)).remote(
-            self.cfg_dict, base, experts_ref, universal, str(out / "artifact"), root, h_router))  # fmt: skip
+            self.cfg_dict, base, experts_ref, universal, str(out / "artifact"), root, h_router, self.progress))  # fmt: skip
         evals = {}
         for method in stages.METHODS:
             h_eval = fingerprint("eval", method, h_router, h_multi, cfg.data.eval_limit, [data[n][1] for n in names])
@@ -184,7 +201,8 @@ class Pipeline:
         training = {k: {f: v.get(f) for f in ("zero_stage", "num_workers", "steps", "final_loss", "seconds", "node_ids",
                                                 "losses")}
                     for k, v in results.items() if k.startswith(("expert/", "universal", "multitask", "router"))}  # fmt: skip
-        timings = {k: (0.0 if k in self.cached else v.get("seconds", 0.0)) for k, v in results.items()} | {"total": total}
+        timings = {k: (0.0 if k in self.cached else v.get("wall_seconds", v.get("seconds", 0.0)))
+                   for k, v in results.items()} | {"total": total}  # fmt: skip
         methods = {k.removeprefix("eval/"): {f: v[f] for f in ("per_domain", "avg", "error") if f in v}
                    for k, v in results.items() if k.startswith("eval/")}  # fmt: skip
         router = results["eval/mixture"].get("router", {})

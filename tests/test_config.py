@@ -47,6 +47,8 @@ def test_round_trip_through_yaml():
         ({"data": {"domains": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}]}}, [], r"duplicates \['a'\]"),
         ({}, ["universal.enabled=true"], r"`universal.enabled` is only used by recipe `modula`"),
         ({}, ["model.synthetic.num_heads=3"], r"`model.synthetic.num_heads` \(3\) must divide"),
+        ({"recipe": "modula", "universal": {"enabled": True, "variant": "res"}}, [],
+         r"`universal.variant: res` is not trainable by the pipeline yet"),
         ({}, ["top_k"], r"override 'top_k' must look like `key.path=value`"),
     ],
 )

@@ -1,0 +1,98 @@
+"""Two Ray nodes on this machine: the quickstart-shaped pipeline as a Ray job, spread over both;
+a stopped job resubmitted resumes instead of starting over."""
+
+import sys
+import time
+
+import pytest
+import yaml
+
+from loramix.artifact import read_json
+
+from .conftest import small_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    url = ray._private.worker.global_worker.node.address_info["webui_url"]
+    yield cluster, f"http://{url}"
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def submit(url: str, config_path, output, tag: str):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} -m pipelines.cli run {config_path} --output {output}",
+        submission_id=f"loramix-{tag}-{time.time_ns()}",
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    return client, job
+
+
+def wait(client, job, timeout=600, until=None):
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) or (until and until()):
+            return status
+        time.sleep(1)
+    raise TimeoutError(f"job {job} still {client.get_job_status(job)} after {timeout}s")
+
+
+def write_config(tmp_path, **over):
+    cfg = small_config(tmp_path / "data", tmp_path / "out", tasks=("reverse", "rotate", "shift"), **over)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def test_job_spreads_experts_over_both_nodes(two_nodes, tmp_path):
+    cluster, url = two_nodes
+    client, job = submit(url, write_config(tmp_path), tmp_path / "out", "spread")
+    status = wait(client, job)
+    assert str(status) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    report = read_json(tmp_path / "out" / "report.json")
+    nodes = {n for job_name, t in report["training"].items() if job_name.startswith(("expert/", "multitask"))
+             for n in t["node_ids"]}  # fmt: skip
+    assert len(nodes) == 2, report["training"]
+    assert "reverse" in client.get_job_logs(job)  # the report table reached the job's log
+
+
+def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
+    cluster, url = two_nodes
+    path = write_config(tmp_path, **{"expert.steps": 30, "train.checkpoint_every": 4})
+    out = tmp_path / "out"
+
+    def checkpointed_unfinished() -> set[str]:
+        """Trainer runs with a mid-training checkpoint and no finished-stage marker yet."""
+        runs = {p.parents[1].name for p in (out / "ray_storage").rglob("step.json")} if (out / "ray_storage").exists() else set()
+        done = {p.stem.replace("__", "-") for p in (out / "stages").glob("*.json")} if (out / "stages").exists() else set()
+        return {r for r in runs if r.rsplit("-", 1)[0] not in done}
+
+    client, job = submit(url, path, out, "stop")
+    wait(client, job, until=lambda: bool(checkpointed_unfinished()))
+    client.stop_job(job)
+    assert str(wait(client, job)) == "STOPPED"
+    partial = checkpointed_unfinished()
+    assert partial, "the job ended before any checkpoint; the stop tested nothing"
+    client, job = submit(url, path, out, "resume")
+    assert str(wait(client, job)) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    report = read_json(out / "report.json")
+    assert "base" in report["cached_stages"]
+    for run in partial:  # e.g. expert-reverse-<hash> -> stages/expert__reverse.json
+        marker = read_json(out / "stages" / (run.rsplit("-", 1)[0].replace("-", "__", 1) + ".json"))["result"]
+        assert marker["resumed_from"] >= 4, (run, marker)
