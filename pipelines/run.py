@@ -46,7 +46,8 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    # No runtime_env here: inside `ray job submit` it would clash with the job's own.
+    ray.init(address=address, log_to_driver=False)
 
 
 def _resources(cfg: LoramixConfig) -> dict:

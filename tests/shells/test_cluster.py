@@ -1,6 +1,7 @@
 """Two Ray nodes on this machine: the quickstart-shaped pipeline as a Ray job, spread over both;
 a stopped job resubmitted resumes instead of starting over."""
 
+import json
 import sys
 import time
 
@@ -79,7 +80,9 @@ def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
 
     def checkpointed_unfinished() -> set[str]:
         """Trainer runs with a mid-training checkpoint and no finished-stage marker yet."""
-        runs = {p.parents[1].name for p in (out / "ray_storage").rglob("step.json")} if (out / "ray_storage").exists() else set()
+        # A checkpoint counts once Ray Train registered it in the run's snapshot (files alone may be mid-upload).
+        snapshots = (out / "ray_storage").glob("*/checkpoint_manager_snapshot.json") if (out / "ray_storage").exists() else []
+        runs = {p.parent.name for p in snapshots if json.loads(p.read_text())["checkpoint_results"]}
         done = {p.stem.replace("__", "-") for p in (out / "stages").glob("*.json")} if (out / "stages").exists() else set()
         return {r for r in runs if r.rsplit("-", 1)[0] not in done}
 
