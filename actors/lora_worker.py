@@ -19,7 +19,7 @@ import torch
 
 from loramix import loops
 from loramix.config import ExpertConfig
-from loramix.data import IGNORE
+from loramix.data import pad_left
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,8 @@ class DeepSpeedStepper:
 
 def pad_batch(batch: dict, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Left-pad a Ray Data numpy batch of variable-length ``input_ids``/``labels`` lists."""
-    seqs, labs = list(batch["input_ids"]), list(batch["labels"])
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labs)):
-        ids[i, width - len(s) :] = torch.as_tensor(s)
-        labels[i, width - len(s) :] = torch.as_tensor(lab)
-        mask[i, width - len(s) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    padded = pad_left(list(batch["input_ids"]), list(batch["labels"]), pad_id)
+    return {k: v.to(device) for k, v in padded.items()}
 
 
 def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, seed: int):

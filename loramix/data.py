@@ -128,20 +128,20 @@ def collate(examples: Sequence[Example], pad_id: int, *, prompt_only: bool = Fal
     """
     seqs = [e.input_ids[: e.prompt_len] if prompt_only else e.input_ids for e in examples]
     labs = [e.labels[: e.prompt_len] if prompt_only else e.labels for e in examples]
+    return pad_left(seqs, labs, pad_id) | {"domain": torch.tensor([e.domain for e in examples], dtype=torch.long)}
+
+
+def pad_left(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad token and label lists into ``input_ids``, ``attention_mask``, ``labels`` ``[batch, seq]``."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    labs = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labs)):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        labels[i, width - len(s) :] = torch.tensor(lab)
+    for i, (s, lab) in enumerate(zip(seqs, labels)):
+        ids[i, width - len(s) :] = torch.as_tensor(s)
+        labs[i, width - len(s) :] = torch.as_tensor(lab)
         mask[i, width - len(s) :] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "labels": labels,
-        "domain": torch.tensor([e.domain for e in examples], dtype=torch.long),
-    }
+    return {"input_ids": ids, "attention_mask": mask, "labels": labs}
 
 
 def batches(examples: Sequence[Example], batch_size: int, pad_id: int, *, seed: int = 0, steps: int | None = None,

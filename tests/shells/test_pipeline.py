@@ -99,3 +99,27 @@ def test_bad_config_is_a_clear_cli_error(tmp_path, capsys):
     cfg.write_text("data: {domains: [{name: a, train: missing.jsonl}]}\n")
     assert main(["run", str(cfg), "--output", str(tmp_path / "o")]) == 2
     assert "missing.jsonl' does not exist" in capsys.readouterr().err
+
+
+def test_modula_with_universal_lora_and_mole_recipes(first_run, tmp_path):
+    """Other recipes through the same command: experts are reused, only what depends on the recipe reruns."""
+    import shutil
+
+    from pipelines.run import run_pipeline
+
+    cfg, root, report, snapshot = first_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out, ignore=shutil.ignore_patterns("ray_storage"))
+    mole = run_pipeline(cfg.model_copy(update={"recipe": "mole"}), out)
+    assert mole["recipe"] == "mole" and {"base", "expert/reverse", "expert/rotate"} <= set(mole["cached_stages"])
+    assert "router" not in mole["cached_stages"]
+    assert json.loads((out / "artifact" / "router" / "config.json").read_text())["recipe"] == "mole"
+
+    modula = cfg.model_copy(update={"recipe": "modula", "universal": cfg.universal.model_copy(
+        update={"enabled": True, "steps": 4, "batch_size": 8})})  # fmt: skip
+    report = run_pipeline(modula, out)
+    assert report["recipe"] == "modula" and "universal" in report["training"]
+    assert "expert/reverse" not in report["cached_stages"]  # experts now train on top of the universal LoRA
+    mm = MixtureModel.from_pretrained(out / "artifact")
+    assert mm.universal is not None and mm.router.recipe == "modula"
+    assert set(report["methods"]["mixture"]["per_domain"]) == {"reverse", "rotate"}
