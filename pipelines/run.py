@@ -182,7 +182,10 @@ class Pipeline:
             self.cfg_dict, base, experts_ref, universal, str(out / "artifact"), root, h_router, self.progress))  # fmt: skip
         evals = {}
         for method in stages.METHODS:
-            h_eval = fingerprint("eval", method, h_router, h_multi, cfg.data.eval_limit, [data[n][1] for n in names])
+            # Only the mixture's score depends on the router; the baselines keep theirs across recipes.
+            upstream = {"mixture": h_router, "multitask_lora": h_multi, "base": h_base}.get(method, h_experts)
+            h_eval = fingerprint("eval", method, upstream, cfg.data.eval_limit, cfg.data.max_length,
+                                 [data[n][1] for n in names])  # fmt: skip
             evals[f"eval/{method}"] = self._stage(f"eval/{method}", h_eval, lambda m=method, h=h_eval: eval_stage.options(
                 **_resources(cfg)).remote(m, self.cfg_dict, base, experts_ref, router, multitask, root, h))  # fmt: skip
         return {"base": base, "universal": universal, **{f"expert/{n}": r for n, r in experts.items()},
@@ -204,8 +207,8 @@ class Pipeline:
                     for k, v in results.items() if k.startswith(("expert/", "universal", "multitask", "router"))}  # fmt: skip
         timings = {k: (0.0 if k in self.cached else v.get("wall_seconds", v.get("seconds", 0.0)))
                    for k, v in results.items()} | {"total": total}  # fmt: skip
-        methods = {k.removeprefix("eval/"): {f: v[f] for f in ("per_domain", "avg", "error") if f in v}
-                   for k, v in results.items() if k.startswith("eval/")}  # fmt: skip
+        methods = {m: {f: v[f] for f in ("per_domain", "avg", "error") if f in v}
+                   for m in stages.METHODS if (v := results.get(f"eval/{m}")) is not None}  # fmt: skip
         router = results["eval/mixture"].get("router", {})
         return write_report(self.out, self.cfg, methods=methods, router=router, training=training, timings=timings,
                             extra={"cached_stages": sorted(self.cached)})  # fmt: skip
