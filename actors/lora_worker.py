@@ -54,8 +54,13 @@ def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, s
     """Endless epochs over this worker's Ray Data shard, stopping after ``steps`` batches."""
     done, epoch = 0, 0
     while done < steps:
-        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=16 * micro_batch, local_shuffle_seed=seed + epoch):  # fmt: skip
+        for batch in shard.iter_batches(
+            batch_size=micro_batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=16 * micro_batch,
+            local_shuffle_seed=seed + epoch,
+        ):
             yield pad_batch(batch, pad_id, device)
             done += 1
             if done >= steps:
@@ -81,7 +86,9 @@ def build_peft_model(base, cfg: ExpertConfig, universal_dir: str | None):
 def deepspeed_config(template: dict, cfg: ExpertConfig, world_size: int) -> dict:
     """Fill the ``auto`` fields of a ``configs/deepspeed/*.json`` template from the schema."""
     if cfg.batch_size % world_size:
-        raise ValueError(f"`expert.batch_size` ({cfg.batch_size}) must be divisible by `resources.num_workers` ({world_size}).")
+        raise ValueError(
+            f"`expert.batch_size` ({cfg.batch_size}) must be divisible by `resources.num_workers` ({world_size})."
+        )
     ds = json.loads(json.dumps(template))
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // world_size
     ds["gradient_clipping"] = cfg.grad_clip
@@ -118,9 +125,13 @@ def train_lora_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loops.warmup_cosine(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=trainable,
-                                           config=deepspeed_config(config["ds_config"], cfg, world))  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=trainable,
+        config=deepspeed_config(config["ds_config"], cfg, world),
+    )
     start = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -129,7 +140,9 @@ def train_lora_worker(config: dict) -> None:
         logger.info("%s: resumed from step %d", name, start)
     shard = ray.train.get_dataset_shard("train")
     micro = cfg.batch_size // world
-    batches = shard_batches(shard, micro, tokenizer.pad_token_id, device, steps=cfg.steps - start, seed=config["seed"] + start)
+    batches = shard_batches(
+        shard, micro, tokenizer.pad_token_id, device, steps=cfg.steps - start, seed=config["seed"] + start
+    )
     log_every, ckpt_every = config["log_every"], config["checkpoint_every"]
     started = time.perf_counter()
 
@@ -147,10 +160,17 @@ def train_lora_worker(config: dict) -> None:
         elif step % log_every == 0:
             ray.train.report(metrics)
 
-    summary = loops.run_steps(engine, batches, loops.lm_loss, DeepSpeedStepper(engine), report=report,
-                              log_every=log_every, start_step=start)  # fmt: skip
-    final = {"step": cfg.steps, "loss": summary["final_loss"], "final_loss": summary["final_loss"],
-             "seconds": time.perf_counter() - started, "resumed_from": start, "losses": summary["losses"]}  # fmt: skip
+    summary = loops.run_steps(
+        engine, batches, loops.lm_loss, DeepSpeedStepper(engine), report=report, log_every=log_every, start_step=start
+    )
+    final = {
+        "step": cfg.steps,
+        "loss": summary["final_loss"],
+        "final_loss": summary["final_loss"],
+        "seconds": time.perf_counter() - started,
+        "resumed_from": start,
+        "losses": summary["losses"],
+    }
     save_adapter(engine, model, name, final, rank)
 
 

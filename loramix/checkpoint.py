@@ -1,10 +1,10 @@
 """Saving and loading a mixture artifact.
 
-    <path>/manifest.json            expert order, recipe, top_k, variant, base model, masked experts
-    <path>/experts/<name>/          PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
-    <path>/universal/               MoDULA universal LoRA (PEFT format), if any
-    <path>/router/config.json       router recipe and constructor kwargs
-    <path>/router/router.safetensors
+<path>/manifest.json            expert order, recipe, top_k, variant, base model, masked experts
+<path>/experts/<name>/          PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
+<path>/universal/               MoDULA universal LoRA (PEFT format), if any
+<path>/router/config.json       router recipe and constructor kwargs
+<path>/router/router.safetensors
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
         try:
             mm.router.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"router weights in {str(path)!r} do not fit the {router['recipe']!r} router: {err}") from None
+            raise ValueError(
+                f"router weights in {str(path)!r} do not fit the {router['recipe']!r} router: {err}"
+            ) from None
         if router.get("masked"):
             mm.mask_experts(router["masked"])
     return mm

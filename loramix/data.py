@@ -49,7 +49,9 @@ def load_rows(path: str | Path, prompt_field: str = "prompt", completion_field: 
     elif path.suffix in (".jsonl", ".json"):
         rows = _read_jsonl(path)
     else:
-        raise DataError(f"{str(path)!r}: unknown format {path.suffix!r}; use .jsonl, .json, .parquet or a datasets folder.")
+        raise DataError(
+            f"{str(path)!r}: unknown format {path.suffix!r}; use .jsonl, .json, .parquet or a datasets folder."
+        )
     if not rows:
         raise DataError(f"{str(path)!r} has no rows.")
     for i, row in enumerate(rows, 1):
@@ -57,7 +59,9 @@ def load_rows(path: str | Path, prompt_field: str = "prompt", completion_field: 
             if field not in row:
                 raise DataError(f"{str(path)!r} row {i}: missing field {field!r} (has {sorted(row)}).")
             if not isinstance(row[field], str):
-                raise DataError(f"{str(path)!r} row {i}: field {field!r} must be a string, got {type(row[field]).__name__}.")
+                raise DataError(
+                    f"{str(path)!r} row {i}: field {field!r} must be a string, got {type(row[field]).__name__}."
+                )
         if not row[completion_field]:
             raise DataError(f"{str(path)!r} row {i}: field {completion_field!r} is empty; there is nothing to learn.")
     return [{"prompt": r[prompt_field], "completion": r[completion_field]} for r in rows]
@@ -111,7 +115,9 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int, domain: int 
     return out
 
 
-def load_domain(path, tokenizer, max_length: int, domain: int = 0, prompt_field="prompt", completion_field="completion"):
+def load_domain(
+    path, tokenizer, max_length: int, domain: int = 0, prompt_field="prompt", completion_field="completion"
+):
     """:func:`load_rows` + :func:`tokenize_rows` for one domain file."""
     rows = load_rows(path, prompt_field, completion_field)
     return rows, tokenize_rows(rows, tokenizer, max_length, domain, source=repr(str(path)))
@@ -144,8 +150,15 @@ def pad_left(seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad
     return {"input_ids": ids, "attention_mask": mask, "labels": labs}
 
 
-def batches(examples: Sequence[Example], batch_size: int, pad_id: int, *, seed: int = 0, steps: int | None = None,
-            start: int = 0) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+def batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    start: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches, reshuffled every epoch, deterministic in ``seed``; ``start`` skips steps (resume)."""
     if not examples:
         raise DataError("no training examples.")

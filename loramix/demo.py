@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from loramix import data, loops, stages, synthetic
-from loramix.artifact import write_json
 from loramix.config import LoramixConfig, dump_config
 from loramix.report import write_report
 
@@ -53,23 +52,37 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
     jobs = {name: train[name] for name in train} | {"multitask_lora": [e for ex in train.values() for e in ex]}
     for job, examples in jobs.items():
         t = time.perf_counter()
-        optim = cfg.expert if job != "multitask_lora" else cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(train)})
+        optim = (
+            cfg.expert
+            if job != "multitask_lora"
+            else cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(train)})
+        )
         it = data.batches(examples, optim.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=optim.steps)
         model, summary = loops.train_expert(optim, copy.deepcopy(base), it, report=progress(job, optim.steps))
         path = out / ("experts/" + job if job != "multitask_lora" else job)
         model.save_pretrained(path)
         adapters[job] = str(path)
         timings[job] = time.perf_counter() - t
-        training[job] = {"zero_stage": None, "num_workers": 1, "steps": summary["steps"],
-                         "final_loss": summary["final_loss"], "seconds": timings[job], "losses": summary["losses"]}  # fmt: skip
+        training[job] = {
+            "zero_stage": None,
+            "num_workers": 1,
+            "steps": summary["steps"],
+            "final_loss": summary["final_loss"],
+            "seconds": timings[job],
+            "losses": summary["losses"],
+        }
     multitask = adapters.pop("multitask_lora")
     t = time.perf_counter()
-    summary = stages.train_router_stage(cfg, base_info, adapters, out / "artifact", progress("router", cfg.router.steps))
+    summary = stages.train_router_stage(
+        cfg, base_info, adapters, out / "artifact", progress("router", cfg.router.steps)
+    )
     training["router"] = summary | {"zero_stage": None, "num_workers": 1}
     timings["router"] = time.perf_counter() - t
     t = time.perf_counter()
-    methods = {m: stages.evaluate_method(m, cfg, base_info, adapters, artifact=str(out / "artifact"), multitask=multitask)
-               for m in stages.METHODS}  # fmt: skip
+    methods = {
+        m: stages.evaluate_method(m, cfg, base_info, adapters, artifact=str(out / "artifact"), multitask=multitask)
+        for m in stages.METHODS
+    }
     router = stages.router_stage_eval(cfg, base_info, str(out / "artifact"))
     timings["eval"] = time.perf_counter() - t
     return write_report(out, cfg, methods=methods, router=router, training=training, timings=timings)

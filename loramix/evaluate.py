@@ -13,8 +13,9 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def exact_match(model, examples: Sequence[Example], tokenizer, *, batch_size: int = 64,
-                generate_kwargs: dict | None = None) -> float:  # fmt: skip
+def exact_match(
+    model, examples: Sequence[Example], tokenizer, *, batch_size: int = 64, generate_kwargs: dict | None = None
+) -> float:
     """Fraction of examples whose greedy completion equals the reference exactly.
 
     ``model`` is anything with transformers' ``generate(input_ids=, attention_mask=, ...)``:
@@ -42,8 +43,9 @@ def exact_match(model, examples: Sequence[Example], tokenizer, *, batch_size: in
 
 
 @torch.no_grad()
-def completion_loss(forward: Callable[[dict], torch.Tensor], examples: Sequence[Example], pad_id: int,
-                    batch_size: int = 64) -> float:  # fmt: skip
+def completion_loss(
+    forward: Callable[[dict], torch.Tensor], examples: Sequence[Example], pad_id: int, batch_size: int = 64
+) -> float:
     """Token-weighted mean loss on completions; ``forward(batch)`` returns logits ``[b, t, V]``."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
@@ -57,8 +59,9 @@ def completion_loss(forward: Callable[[dict], torch.Tensor], examples: Sequence[
 
 
 @torch.no_grad()
-def router_confusion(mm, examples_by_domain: dict[str, Sequence[Example]], pad_id: int,
-                     batch_size: int = 64) -> tuple[float, list[list[int]]]:  # fmt: skip
+def router_confusion(
+    mm, examples_by_domain: dict[str, Sequence[Example]], pad_id: int, batch_size: int = 64
+) -> tuple[float, list[list[int]]]:
     """Router accuracy (top-1 gate == the example's domain) and the confusion matrix.
 
     ``confusion[i][j]`` counts prompts of domain ``i`` routed to expert ``j`` (in

@@ -76,9 +76,15 @@ class Expert:
             raise FileNotFoundError(f"expert {name!r}: {str(path / CONFIG_FILE)!r} is missing; is this a PEFT adapter?")
         peft_type = json.loads((path / CONFIG_FILE).read_text()).get("peft_type")
         if peft_type != "LORA":
-            raise ValueError(f"expert {name!r}: {str(path)!r} is a {peft_type} adapter; only LoRA adapters can be experts.")
+            raise ValueError(
+                f"expert {name!r}: {str(path)!r} is a {peft_type} adapter; only LoRA adapters can be experts."
+            )
         if not (path / WEIGHTS_FILE).is_file():
-            hint = " Pickle files are not loaded; re-save with safetensors." if (path / "adapter_model.bin").exists() else ""
+            hint = (
+                " Pickle files are not loaded; re-save with safetensors."
+                if (path / "adapter_model.bin").exists()
+                else ""
+            )
             raise FileNotFoundError(f"expert {name!r}: {str(path / WEIGHTS_FILE)!r} is missing.{hint}")
         config = LoraConfig.from_pretrained(str(path))
         return cls.from_state_dict(name, config, load_file(str(path / WEIGHTS_FILE)), variant=variant, source=str(path))
@@ -91,7 +97,9 @@ class Expert:
         where = f"expert {name!r}" + (f" ({source})" if source else "")
         bad = [k for k, ok in _UNSUPPORTED.items() if getattr(config, k, ok) not in (ok, [], {}, False)]
         if bad:
-            raise ValueError(f"{where}: LoRA options {bad} are not supported by loramix mixtures. Retrain without them.")
+            raise ValueError(
+                f"{where}: LoRA options {bad} are not supported by loramix mixtures. Retrain without them."
+            )
         lora_A, lora_B = {}, {}
         for key, tensor in state.items():
             module, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")

@@ -74,10 +74,17 @@ def inject(
         if universal is not None and key in universal.lora_A:
             uni = (universal.lora_A[key], universal.lora_B[key], universal.scaling[key])
         layers[key] = MixtureLinear(
-            base_layer, A, B, owner, scale,
-            key=key, block=block_of(key, blocks), routing=routing, universal=uni,
+            base_layer,
+            A,
+            B,
+            owner,
+            scale,
+            key=key,
+            block=block_of(key, blocks),
+            routing=routing,
+            universal=uni,
             variant=variant if uni is not None else "flan",
-        )  # fmt: skip
+        )
         setattr(parent, attr, layers[key])
     expected = sum(e.lora_A[m].numel() + e.lora_B[m].numel() for e in bank.experts.values() for m in e.modules)
     got = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())

@@ -70,8 +70,17 @@ class TorchStepper:
         return self.scheduler.get_last_lr()[0]
 
 
-def run_steps(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn, stepper: Stepper, *, report: Report,
-              log_every: int = 10, start_step: int = 0, on_step: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+def run_steps(
+    model: nn.Module,
+    batches: Iterable[dict],
+    loss_fn: LossFn,
+    stepper: Stepper,
+    *,
+    report: Report,
+    log_every: int = 10,
+    start_step: int = 0,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
     """Optimise ``loss_fn`` over ``batches``; report ``loss, lr, tokens_per_s, grad_norm`` (+ extras).
 
     Returns:
@@ -88,17 +97,29 @@ def run_steps(model: nn.Module, batches: Iterable[dict], loss_fn: LossFn, steppe
         grad_norm = stepper.step()
         losses.append(float(loss.detach()))
         tokens = int(batch["attention_mask"].sum())
-        metrics = {"step": step, "loss": losses[-1], "lr": stepper.lr(), "grad_norm": grad_norm,
-                   "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9), **extra}  # fmt: skip
+        metrics = {
+            "step": step,
+            "loss": losses[-1],
+            "lr": stepper.lr(),
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
+            **extra,
+        }
         if step % log_every == 0 or step == start_step + 1:
-            logger.info("step %d | loss %.4f | lr %.2e | %.0f tok/s", step, losses[-1], metrics["lr"], metrics["tokens_per_s"])
+            logger.info(
+                "step %d | loss %.4f | lr %.2e | %.0f tok/s", step, losses[-1], metrics["lr"], metrics["tokens_per_s"]
+            )
         report(metrics, None)
         if on_step is not None:
             on_step(step)
     model.eval()
     tail = losses[-10:]
-    return {"steps": step, "final_loss": sum(tail) / max(len(tail), 1), "losses": losses,
-            "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "steps": step,
+        "final_loss": sum(tail) / max(len(tail), 1),
+        "losses": losses,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -130,12 +151,20 @@ def router_loss_fn(recipe: str, expert_names: list[str], balance_coef: float) ->
         return loss, {"router_accuracy": float(acc), **_load_metrics(logits.softmax(-1), expert_names)}
 
     def lm_balance(mm, batch):
-        out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 route_mask=prompt_mask(batch))  # fmt: skip
+        out = mm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            route_mask=prompt_mask(batch),
+        )
         loss = out.loss + balance_coef * out.aux_loss
         gates = out.gates.detach()
         acc = (gates.argmax(-1) == batch["domain"]).float().mean()
-        return loss, {"lm_loss": float(out.loss.detach()), "router_accuracy": float(acc), **_load_metrics(gates, expert_names)}
+        return loss, {
+            "lm_loss": float(out.loss.detach()),
+            "router_accuracy": float(acc),
+            **_load_metrics(gates, expert_names),
+        }
 
     return moa if recipe == "moa" else lm_balance
 
@@ -147,8 +176,16 @@ def _load_metrics(gates: torch.Tensor, expert_names: list[str]) -> dict:
     return {"router_entropy": float(entropy), **{f"expert_load/{n}": float(v) for n, v in zip(expert_names, load)}}
 
 
-def train_router(cfg: RouterConfig, mm, batches: Iterable[dict], *, report: Report, recipe: str,
-                 stepper: Stepper | None = None, log_every: int = 10) -> dict:  # fmt: skip
+def train_router(
+    cfg: RouterConfig,
+    mm,
+    batches: Iterable[dict],
+    *,
+    report: Report,
+    recipe: str,
+    stepper: Stepper | None = None,
+    log_every: int = 10,
+) -> dict:
     """Train only the router of a :class:`~loramix.model.MixtureModel` (base and experts frozen)."""
     if mm.router is None:
         raise ValueError("this mixture has no router to train; build it with router='moa'|'mole'|'modula'.")
@@ -167,12 +204,24 @@ def lora_config(cfg, *, init_lora_weights: bool = True):
     """The PEFT ``LoraConfig`` of an expert or universal LoRA section."""
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                      init_lora_weights=init_lora_weights)  # fmt: skip
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        init_lora_weights=init_lora_weights,
+    )
 
 
-def train_expert(cfg, base_model: nn.Module, batches: Iterable[dict], *, report: Report,
-                 stepper_factory: Callable[[nn.Module], Stepper] | None = None, log_every: int = 10):  # fmt: skip
+def train_expert(
+    cfg,
+    base_model: nn.Module,
+    batches: Iterable[dict],
+    *,
+    report: Report,
+    stepper_factory: Callable[[nn.Module], Stepper] | None = None,
+    log_every: int = 10,
+):
     """Train one PEFT LoRA on ``base_model`` (modified in place; pass a copy to keep it).
 
     Args:

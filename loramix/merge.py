@@ -20,8 +20,14 @@ logger = logging.getLogger(__name__)
 MERGED = "loramix_merged"
 
 
-def merge_adapters(base_model, adapters: Mapping[str, str | Path], *, combination_type: str = "linear",
-                   weights: Mapping[str, float] | None = None, density: float = 0.5) -> PeftModel:  # fmt: skip
+def merge_adapters(
+    base_model,
+    adapters: Mapping[str, str | Path],
+    *,
+    combination_type: str = "linear",
+    weights: Mapping[str, float] | None = None,
+    density: float = 0.5,
+) -> PeftModel:
     """Load ``adapters`` into ``base_model`` and activate their PEFT merge.
 
     Args:
@@ -46,8 +52,9 @@ def merge_adapters(base_model, adapters: Mapping[str, str | Path], *, combinatio
         model.load_adapter(str(adapters[name]), adapter_name=key)
     kwargs = {"density": density} if combination_type not in ("linear", "cat", "svd") else {}
     try:
-        model.add_weighted_adapter(keys, [weights.get(n, 0.0) for n in names], MERGED,
-                                   combination_type=combination_type, **kwargs)  # fmt: skip
+        model.add_weighted_adapter(
+            keys, [weights.get(n, 0.0) for n in names], MERGED, combination_type=combination_type, **kwargs
+        )
     except ValueError as err:
         raise ValueError(f"PEFT could not merge {names} with `{combination_type}`: {err}") from None
     model.set_adapter(MERGED)

@@ -91,7 +91,9 @@ class MixtureModel(nn.Module):
         bank = ExpertBank.from_dirs(adapters, variant=variant)
         if universal is not None and not isinstance(universal, Expert):
             universal = Expert.from_dir("universal", universal)
-        return cls(base_model, bank, router, top_k=top_k, universal=universal, variant=variant, router_kwargs=router_kwargs)
+        return cls(
+            base_model, bank, router, top_k=top_k, universal=universal, variant=variant, router_kwargs=router_kwargs
+        )
 
     # ----------------------------------------------------------------------------- helpers
     def _device(self) -> torch.device:

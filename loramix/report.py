@@ -11,8 +11,16 @@ from loramix.config import LoramixConfig, config_hash
 logger = logging.getLogger(__name__)
 
 
-def write_report(out: str | Path, cfg: LoramixConfig, *, methods: dict, router: dict, training: dict,
-                 timings: dict, extra: dict | None = None) -> dict:  # fmt: skip
+def write_report(
+    out: str | Path,
+    cfg: LoramixConfig,
+    *,
+    methods: dict,
+    router: dict,
+    training: dict,
+    timings: dict,
+    extra: dict | None = None,
+) -> dict:
     """Assemble, write and return the report. Loss curves go to ``curves.json`` and ``loss_curves.png``."""
     out = Path(out)
     curves = {job: t.pop("losses") for job, t in training.items() if "losses" in t}
@@ -39,14 +47,20 @@ def write_report(out: str | Path, cfg: LoramixConfig, *, methods: dict, router: 
 def format_report(report: dict) -> str:
     """Markdown: exact match per domain and method, then router accuracy."""
     names = report["domains"]
-    lines = [f"recipe `{report['recipe']}`, config {report['config_hash']}", "",
-             "| method | " + " | ".join(names) + " | avg EM | avg loss |", "|---" * (len(names) + 3) + "|"]  # fmt: skip
+    lines = [
+        f"recipe `{report['recipe']}`, config {report['config_hash']}",
+        "",
+        "| method | " + " | ".join(names) + " | avg EM | avg loss |",
+        "|---" * (len(names) + 3) + "|",
+    ]
     for method, row in report["methods"].items():
         if "error" in row:
             lines.append(f"| {method} | " + " | ".join("-" for _ in names) + f" | error: {row['error'][:60]} | |")
             continue
         cells = [f"{row['per_domain'][n]['exact_match']:.3f}" for n in names]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['avg']['exact_match']:.3f} | {row['avg']['loss']:.3f} |")
+        lines.append(
+            f"| {method} | " + " | ".join(cells) + f" | {row['avg']['exact_match']:.3f} | {row['avg']['loss']:.3f} |"
+        )
     lines.append(f"\nrouter accuracy: {report['router']['accuracy']:.3f}")
     return "\n".join(lines)
 
@@ -63,7 +77,9 @@ def plot_report(report: dict, curves: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(names), 4))
     width = 0.8 / max(len(methods), 1)
     for i, (method, row) in enumerate(methods.items()):
-        ax.bar(np.arange(len(names)) + i * width, [row["per_domain"][n]["exact_match"] for n in names], width, label=method)
+        ax.bar(
+            np.arange(len(names)) + i * width, [row["per_domain"][n]["exact_match"] for n in names], width, label=method
+        )
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
     ax.set_ylabel("exact match")
     ax.set_ylim(0, 1.05)

@@ -78,7 +78,9 @@ class Router(nn.Module):
         super().__init__()
         n = len(expert_names)
         if not 1 <= top_k <= n:
-            raise ValueError(f"`top_k` must be in [1, {n}] (the number of experts), got {top_k}. Lower top_k or add experts.")
+            raise ValueError(
+                f"`top_k` must be in [1, {n}] (the number of experts), got {top_k}. Lower top_k or add experts."
+            )
         self.expert_names = list(expert_names)
         self.dims = dims
         self.top_k = top_k

@@ -40,15 +40,27 @@ def prepare_base(cfg: LoramixConfig, out_dir: str | Path, report=_quiet) -> dict
     tokenizer = synthetic.build_tokenizer()
     s = cfg.model.synthetic
     torch.manual_seed(cfg.seed)
-    base = synthetic.build_base(tokenizer, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                                num_layers=s.num_layers, num_heads=s.num_heads, max_length=cfg.data.max_length)  # fmt: skip
+    base = synthetic.build_base(
+        tokenizer,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_layers=s.num_layers,
+        num_heads=s.num_heads,
+        max_length=cfg.data.max_length,
+    )
     if s.pretrain_steps:
         rows = synthetic.make_rows("copy", 20000, seed=cfg.seed)
         examples = data.tokenize_rows(rows, tokenizer, cfg.data.max_length)
         optim = loops.OptimConfig(steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr)
         it = data.batches(examples, s.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=s.pretrain_steps)
-        loops.run_steps(base, it, loops.lm_loss, loops.TorchStepper(base.parameters(), optim), report=report,
-                        log_every=cfg.train.log_every)  # fmt: skip
+        loops.run_steps(
+            base,
+            it,
+            loops.lm_loss,
+            loops.TorchStepper(base.parameters(), optim),
+            report=report,
+            log_every=cfg.train.log_every,
+        )
     base.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return {"base": str(out_dir), "tokenizer": str(out_dir)}
@@ -76,18 +88,33 @@ def domain_examples(cfg: LoramixConfig, tokenizer, split: str) -> dict[str, list
         path = getattr(d, split)
         if path is None:
             raise ValueError(f"domain {d.name!r} has no `{split}` file; set `data.domains[{i}].{split}`.")
-        ex = data.load_domain(path, tokenizer, cfg.data.max_length, i, cfg.data.prompt_field, cfg.data.completion_field)[1]
+        ex = data.load_domain(
+            path, tokenizer, cfg.data.max_length, i, cfg.data.prompt_field, cfg.data.completion_field
+        )[1]
         out[d.name] = ex[: cfg.data.eval_limit] if split == "eval" else ex
     return out
 
 
-def train_router_stage(cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], out_dir: str | Path,
-                       report=_quiet, universal: str | None = None) -> dict:  # fmt: skip
+def train_router_stage(
+    cfg: LoramixConfig,
+    base_info: dict,
+    adapters: dict[str, str],
+    out_dir: str | Path,
+    report=_quiet,
+    universal: str | None = None,
+) -> dict:
     """Freeze base + experts, train the recipe's router, save the mixture artifact to ``out_dir``."""
     tokenizer = load_tokenizer(base_info)
     train = domain_examples(cfg, tokenizer, "train")
-    mm = MixtureModel.from_adapters(load_base(cfg, base_info), adapters, router=cfg.recipe, top_k=cfg.router.top_k,
-                                    universal=universal, variant=cfg.universal.variant, **router_kwargs(cfg))  # fmt: skip
+    mm = MixtureModel.from_adapters(
+        load_base(cfg, base_info),
+        adapters,
+        router=cfg.recipe,
+        top_k=cfg.router.top_k,
+        universal=universal,
+        variant=cfg.universal.variant,
+        **router_kwargs(cfg),
+    )
     mixed = [e for name in mm.expert_names for e in train[name]]
     it = data.batches(mixed, cfg.router.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=cfg.router.steps)
     summary = loops.train_router(cfg.router, mm, it, report=report, recipe=cfg.recipe, log_every=cfg.train.log_every)
@@ -114,15 +141,23 @@ class _Bound:
         return self.model(**kw, **self.kwargs)
 
 
-def method_models(method: str, cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], *,
-                  artifact: str | None, multitask: str | None):  # fmt: skip
+def method_models(
+    method: str,
+    cfg: LoramixConfig,
+    base_info: dict,
+    adapters: dict[str, str],
+    *,
+    artifact: str | None,
+    multitask: str | None,
+):
     """``domain -> model`` builder for one evaluated method (each model has ``generate`` and ``__call__``)."""
     base = load_base(cfg, base_info)
     if method == "base":
         return lambda d: base
     if method == "oracle":
-        return lambda d: _Bound(MixtureModel.from_adapters(copy.deepcopy(base), {d: adapters[d]}, router=None),
-                                expert_weights=[1.0])  # fmt: skip
+        return lambda d: _Bound(
+            MixtureModel.from_adapters(copy.deepcopy(base), {d: adapters[d]}, router=None), expert_weights=[1.0]
+        )
     if method == "multitask_lora":
         from peft import PeftModel
 
@@ -137,8 +172,15 @@ def method_models(method: str, cfg: LoramixConfig, base_info: dict, adapters: di
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}.")
 
 
-def evaluate_method(method: str, cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], *,
-                    artifact: str | None = None, multitask: str | None = None) -> dict:  # fmt: skip
+def evaluate_method(
+    method: str,
+    cfg: LoramixConfig,
+    base_info: dict,
+    adapters: dict[str, str],
+    *,
+    artifact: str | None = None,
+    multitask: str | None = None,
+) -> dict:
     """Exact match and completion loss of one method on every domain's eval split."""
     tokenizer = load_tokenizer(base_info)
     evals = domain_examples(cfg, tokenizer, "eval")

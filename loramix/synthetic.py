@@ -68,8 +68,15 @@ def build_tokenizer(cue_words: list[str] = tuple(TASKS)) -> PreTrainedTokenizerF
     return fast
 
 
-def build_base(tokenizer: PreTrainedTokenizerFast, *, hidden_size=128, intermediate_size=256, num_layers=4,
-               num_heads=4, max_length=64) -> LlamaForCausalLM:  # fmt: skip
+def build_base(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=4,
+    num_heads=4,
+    max_length=64,
+) -> LlamaForCausalLM:
     """A tiny Llama (tied embeddings) sized to the tokenizer."""
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),

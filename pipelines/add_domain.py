@@ -28,7 +28,9 @@ def add_domain(output: str | Path, name: str, train: str, eval_path: str | None,
     if name in [d.name for d in cfg.data.domains]:
         raise ConfigError(f"domain {name!r} already exists in {str(out)!r}; pick another `--name`.")
     before = read_json(out / "report.json")
-    domain = DomainConfig(name=name, train=str(Path(train).resolve()), eval=eval_path and str(Path(eval_path).resolve()))
+    domain = DomainConfig(
+        name=name, train=str(Path(train).resolve()), eval=eval_path and str(Path(eval_path).resolve())
+    )
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": [*cfg.data.domains, domain]})})
     report = run_pipeline(cfg, out, address)
     old = before["methods"]["mixture"]["per_domain"]
@@ -40,8 +42,14 @@ def add_domain(output: str | Path, name: str, train: str, eval_path: str | None,
         "multitask_steps_all_domains": cfg.expert.steps * n_all,
         "compute_ratio": 1 / n_all,  # same batch size and model: steps are the compute
         "retrained_stages": sorted(set(report["training"]) - set(report.get("cached_stages", []))),
-        "old_domains": {d: {"before": old[d]["exact_match"], "after": new[d]["exact_match"],
-                            "delta": new[d]["exact_match"] - old[d]["exact_match"]} for d in old},  # fmt: skip
+        "old_domains": {
+            d: {
+                "before": old[d]["exact_match"],
+                "after": new[d]["exact_match"],
+                "delta": new[d]["exact_match"] - old[d]["exact_match"],
+            }
+            for d in old
+        },
     }
     write_json(out / "report.json", report)
     (out / "report.md").write_text(format_report(report) + "\n")

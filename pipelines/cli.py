@@ -1,10 +1,10 @@
 """The ``loramix`` command line.
 
-    loramix run CONFIG [--output DIR] [--address ADDR] [key.path=value ...]   the pipeline on Ray
-    loramix add-domain OUTPUT --name NAME --train PATH [--eval PATH] [--address ADDR]
-    loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
-    loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
-    loramix config-help                                        every config key, default and meaning
+loramix run CONFIG [--output DIR] [--address ADDR] [key.path=value ...]   the pipeline on Ray
+loramix add-domain OUTPUT --name NAME --train PATH [--eval PATH] [--address ADDR]
+loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
+loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
+loramix config-help                                        every config key, default and meaning
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def _add_domain(args) -> int:
 
     report = add_domain(args.output, args.name, args.train, args.eval, args.address)
     info = report["add_domain"]
-    print(f"added {info['name']}: {info['new_expert_steps']} expert steps vs {info['multitask_steps_all_domains']} "
-          f"to retrain the multitask LoRA (ratio {info['compute_ratio']:.2f})")  # fmt: skip
+    print(
+        f"added {info['name']}: {info['new_expert_steps']} expert steps vs {info['multitask_steps_all_domains']} "
+        f"to retrain the multitask LoRA (ratio {info['compute_ratio']:.2f})"
+    )
     for d, v in info["old_domains"].items():
         print(f"  {d}: {v['before']:.3f} -> {v['after']:.3f} ({v['delta']:+.3f})")
     return 0
@@ -113,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as err:

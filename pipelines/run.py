@@ -75,8 +75,16 @@ def base_stage(cfg_dict: dict, out_dir: str, store_root: str, digest: str, progr
 
 
 @ray.remote(num_cpus=0)
-def lora_stage(job: str, digest: str, store_root: str, cfg_dict: dict, base_info: dict, domains: list[str],
-               after: dict | None = None, **kwargs) -> dict:  # fmt: skip
+def lora_stage(
+    job: str,
+    digest: str,
+    store_root: str,
+    cfg_dict: dict,
+    base_info: dict,
+    domains: list[str],
+    after: dict | None = None,
+    **kwargs,
+) -> dict:
     """Tokenise this job's rows, fit its TorchTrainer and mark the stage done.
 
     Runs on 0 CPUs: it only waits on the trainer, whose workers hold the resources. ``after``
@@ -98,27 +106,56 @@ def lora_stage(job: str, digest: str, store_root: str, cfg_dict: dict, base_info
 
 
 @ray.remote
-def router_stage(cfg_dict: dict, base_info: dict, experts: dict, universal: dict | None, out_dir: str,
-                 store_root: str, digest: str, progress) -> dict:  # fmt: skip
+def router_stage(
+    cfg_dict: dict,
+    base_info: dict,
+    experts: dict,
+    universal: dict | None,
+    out_dir: str,
+    store_root: str,
+    digest: str,
+    progress,
+) -> dict:
     cfg = LoramixConfig.model_validate(cfg_dict)
     t0 = time.perf_counter()
     adapters = {name: r["path"] for name, r in experts.items()}
-    summary = stages.train_router_stage(cfg, base_info, adapters, out_dir, _poster(progress, "router", cfg.router.steps),
-                                        universal=universal and universal["path"])  # fmt: skip
-    result = summary | {"seconds": time.perf_counter() - t0, "path": out_dir, "zero_stage": None, "num_workers": 1,
-                        "node_ids": [ray.get_runtime_context().get_node_id()]}  # fmt: skip
+    summary = stages.train_router_stage(
+        cfg,
+        base_info,
+        adapters,
+        out_dir,
+        _poster(progress, "router", cfg.router.steps),
+        universal=universal and universal["path"],
+    )
+    result = summary | {
+        "seconds": time.perf_counter() - t0,
+        "path": out_dir,
+        "zero_stage": None,
+        "num_workers": 1,
+        "node_ids": [ray.get_runtime_context().get_node_id()],
+    }
     StageStore(store_root).mark("router", digest, result)
     return result
 
 
 @ray.remote
-def eval_stage(method: str, cfg_dict: dict, base_info: dict, experts: dict, router: dict, multitask: dict,
-               store_root: str, digest: str) -> dict:  # fmt: skip
+def eval_stage(
+    method: str,
+    cfg_dict: dict,
+    base_info: dict,
+    experts: dict,
+    router: dict,
+    multitask: dict,
+    store_root: str,
+    digest: str,
+) -> dict:
     cfg = LoramixConfig.model_validate(cfg_dict)
     t0 = time.perf_counter()
     adapters = {name: r["path"] for name, r in experts.items()}
     try:
-        result = stages.evaluate_method(method, cfg, base_info, adapters, artifact=router["path"], multitask=multitask["path"])
+        result = stages.evaluate_method(
+            method, cfg, base_info, adapters, artifact=router["path"], multitask=multitask["path"]
+        )
     except ValueError as err:  # e.g. PEFT refusing a linear merge of different ranks: report, don't fail the run
         result = {"error": str(err)}
     if method == "mixture":
@@ -150,15 +187,34 @@ class Pipeline:
         cfg, out, root = self.cfg, self.out, str(self.out)
         data = {d.name: (file_digest(d.train), file_digest(d.eval)) for d in cfg.data.domains}
         h_base = fingerprint("base", cfg.model, cfg.seed, cfg.data.max_length)
-        base = self._stage("base", h_base, lambda: base_stage.options(**_resources(cfg)).remote(
-            self.cfg_dict, str(out / "base"), root, h_base, self.progress))  # fmt: skip
+        base = self._stage(
+            "base",
+            h_base,
+            lambda: base_stage.options(**_resources(cfg)).remote(
+                self.cfg_dict, str(out / "base"), root, h_base, self.progress
+            ),
+        )
         names = list(data)
 
         def lora(job, domains, optim, out_dir, digest, universal=None, after=None):
-            return self._stage(job, digest, lambda: lora_stage.remote(
-                job, digest, root, self.cfg_dict, base, domains, after, optim=optim.model_dump(mode="json"),
-                out_dir=out_dir, run_name=f"{job.replace('/', '-')}-{digest}", universal=universal,
-                progress=self.progress))  # fmt: skip
+            return self._stage(
+                job,
+                digest,
+                lambda: lora_stage.remote(
+                    job,
+                    digest,
+                    root,
+                    self.cfg_dict,
+                    base,
+                    domains,
+                    after,
+                    optim=optim.model_dump(mode="json"),
+                    out_dir=out_dir,
+                    run_name=f"{job.replace('/', '-')}-{digest}",
+                    universal=universal,
+                    progress=self.progress,
+                ),
+            )
 
         # Launched first: it is the longest job (N x expert.steps) and overlaps every expert.
         h_multi = fingerprint("multitask", h_base, cfg.expert, cfg.seed, [data[n][0] for n in names])
@@ -166,30 +222,57 @@ class Pipeline:
         multitask = lora("multitask_lora", names, multi_optim, str(out / "multitask_lora"), h_multi)
         universal, h_uni = None, None
         if cfg.universal.enabled:
-            h_uni = fingerprint("universal", h_base, cfg.universal, cfg.expert.target_modules, [data[n][0] for n in names])
+            h_uni = fingerprint(
+                "universal", h_base, cfg.universal, cfg.expert.target_modules, [data[n][0] for n in names]
+            )
             uni_optim = cfg.expert.model_copy(update=cfg.universal.model_dump(exclude={"enabled", "variant"}))
             universal = lora("universal", names, uni_optim, str(out / "universal"), h_uni)
         experts, h_experts = {}, {}
         for name in names:
             h_experts[name] = fingerprint("expert", h_base, h_uni, cfg.expert, cfg.seed, data[name][0])
             uni_path = None if universal is None else str(out / "universal")
-            experts[name] = lora(f"expert/{name}", [name], cfg.expert, str(out / "experts" / name), h_experts[name],
-                                 universal=uni_path, after=universal)  # fmt: skip
-        h_router = fingerprint("router", h_experts, h_uni, cfg.recipe, cfg.router, cfg.universal.variant,
-                               [data[n][0] for n in names])  # fmt: skip
+            experts[name] = lora(
+                f"expert/{name}",
+                [name],
+                cfg.expert,
+                str(out / "experts" / name),
+                h_experts[name],
+                universal=uni_path,
+                after=universal,
+            )
+        h_router = fingerprint(
+            "router", h_experts, h_uni, cfg.recipe, cfg.router, cfg.universal.variant, [data[n][0] for n in names]
+        )
         experts_ref = _gather(experts)
-        router = self._stage("router", h_router, lambda: router_stage.options(**_resources(cfg)).remote(
-            self.cfg_dict, base, experts_ref, universal, str(out / "artifact"), root, h_router, self.progress))  # fmt: skip
+        router = self._stage(
+            "router",
+            h_router,
+            lambda: router_stage.options(**_resources(cfg)).remote(
+                self.cfg_dict, base, experts_ref, universal, str(out / "artifact"), root, h_router, self.progress
+            ),
+        )
         evals = {}
         for method in stages.METHODS:
             # Only the mixture's score depends on the router; the baselines keep theirs across recipes.
             upstream = {"mixture": h_router, "multitask_lora": h_multi, "base": h_base}.get(method, h_experts)
-            h_eval = fingerprint("eval", method, upstream, cfg.data.eval_limit, cfg.data.max_length,
-                                 [data[n][1] for n in names])  # fmt: skip
-            evals[f"eval/{method}"] = self._stage(f"eval/{method}", h_eval, lambda m=method, h=h_eval: eval_stage.options(
-                **_resources(cfg)).remote(m, self.cfg_dict, base, experts_ref, router, multitask, root, h))  # fmt: skip
-        return {"base": base, "universal": universal, **{f"expert/{n}": r for n, r in experts.items()},
-                "multitask_lora": multitask, "router": router, **evals}  # fmt: skip
+            h_eval = fingerprint(
+                "eval", method, upstream, cfg.data.eval_limit, cfg.data.max_length, [data[n][1] for n in names]
+            )
+            evals[f"eval/{method}"] = self._stage(
+                f"eval/{method}",
+                h_eval,
+                lambda m=method, h=h_eval: eval_stage.options(**_resources(cfg)).remote(
+                    m, self.cfg_dict, base, experts_ref, router, multitask, root, h
+                ),
+            )
+        return {
+            "base": base,
+            "universal": universal,
+            **{f"expert/{n}": r for n, r in experts.items()},
+            "multitask_lora": multitask,
+            "router": router,
+            **evals,
+        }
 
     def run(self) -> dict:
         """Run (or reuse) every stage, then write ``report.json``/``report.md``/plots and return the report."""
@@ -202,16 +285,32 @@ class Pipeline:
         return self.report(results, time.perf_counter() - t0)
 
     def report(self, results: dict, total: float) -> dict:
-        training = {k: {f: v.get(f) for f in ("zero_stage", "num_workers", "steps", "final_loss", "seconds", "node_ids",
-                                                "losses")}
-                    for k, v in results.items() if k.startswith(("expert/", "universal", "multitask", "router"))}  # fmt: skip
-        timings = {k: (0.0 if k in self.cached else v.get("wall_seconds", v.get("seconds", 0.0)))
-                   for k, v in results.items()} | {"total": total}  # fmt: skip
-        methods = {m: {f: v[f] for f in ("per_domain", "avg", "error") if f in v}
-                   for m in stages.METHODS if (v := results.get(f"eval/{m}")) is not None}  # fmt: skip
+        training = {
+            k: {
+                f: v.get(f)
+                for f in ("zero_stage", "num_workers", "steps", "final_loss", "seconds", "node_ids", "losses")
+            }
+            for k, v in results.items()
+            if k.startswith(("expert/", "universal", "multitask", "router"))
+        }
+        timings = {
+            k: (0.0 if k in self.cached else v.get("wall_seconds", v.get("seconds", 0.0))) for k, v in results.items()
+        } | {"total": total}
+        methods = {
+            m: {f: v[f] for f in ("per_domain", "avg", "error") if f in v}
+            for m in stages.METHODS
+            if (v := results.get(f"eval/{m}")) is not None
+        }
         router = results["eval/mixture"].get("router", {})
-        return write_report(self.out, self.cfg, methods=methods, router=router, training=training, timings=timings,
-                            extra={"cached_stages": sorted(self.cached)})  # fmt: skip
+        return write_report(
+            self.out,
+            self.cfg,
+            methods=methods,
+            router=router,
+            training=training,
+            timings=timings,
+            extra={"cached_stages": sorted(self.cached)},
+        )
 
 
 @ray.remote(num_cpus=0)

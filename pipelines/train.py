@@ -49,8 +49,17 @@ def deepspeed_template(stage: int) -> dict:
     return json.loads(path.read_text())
 
 
-def fit_lora(job: str, cfg_dict: dict, optim: dict, base_info: dict, rows: list[dict], out_dir: str,
-             run_name: str, universal: str | None, progress) -> dict:  # fmt: skip
+def fit_lora(
+    job: str,
+    cfg_dict: dict,
+    optim: dict,
+    base_info: dict,
+    rows: list[dict],
+    out_dir: str,
+    run_name: str,
+    universal: str | None,
+    progress,
+) -> dict:
     """Fit one LoRA on ``rows`` and place its PEFT adapter at ``out_dir``; returns the training summary."""
     cfg = LoramixConfig.model_validate(cfg_dict)
     optim = ExpertConfig.model_validate(optim)

@@ -32,8 +32,9 @@ def adapters(tmp_path_factory) -> dict[str, str]:
 def partial_adapter(tmp_path_factory) -> str:
     """An adapter on attention projections only, with an alpha pattern."""
     root = tmp_path_factory.mktemp("partial")
-    return make_adapter(0, root / "attn", seed=9, r=4, alpha=8, targets=["q_proj", "v_proj"],
-                        alpha_pattern={"v_proj": 2})  # fmt: skip
+    return make_adapter(
+        0, root / "attn", seed=9, r=4, alpha=8, targets=["q_proj", "v_proj"], alpha_pattern={"v_proj": 2}
+    )
 
 
 @pytest.fixture(scope="session")

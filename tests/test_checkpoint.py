@@ -27,8 +27,9 @@ def test_round_trip_gives_identical_logits(adapters, tmp_path, recipe):
     assert loaded.expert_names == mm.expert_names
     assert torch.equal(logits(loaded, ids, mask, **kw), before)
     files = sorted(p.relative_to(tmp_path / "mix").as_posix() for p in (tmp_path / "mix").rglob("*") if p.is_file())
-    expected = ["manifest.json"] + [f"experts/{n}/{f}" for n in mm.expert_names
-                                    for f in ("adapter_config.json", "adapter_model.safetensors")]  # fmt: skip
+    expected = ["manifest.json"] + [
+        f"experts/{n}/{f}" for n in mm.expert_names for f in ("adapter_config.json", "adapter_model.safetensors")
+    ]
     if recipe:
         expected += ["router/config.json", "router/router.safetensors"]
     assert sorted(f for f in files if not f.endswith("README.md")) == sorted(expected)

@@ -22,7 +22,10 @@ def test_quickstart_has_four_conflicting_domains():
 
 
 def test_overrides_dotted_paths():
-    cfg = build_config({}, ["router.top_k=2", "expert.rank=16", "recipe=mole", "data.domains=[{name: a, train: x}, {name: b, train: y}]"])
+    cfg = build_config(
+        {},
+        ["router.top_k=2", "expert.rank=16", "recipe=mole", "data.domains=[{name: a, train: x}, {name: b, train: y}]"],
+    )
     assert (cfg.router.top_k, cfg.expert.rank, cfg.recipe) == (2, 16, "mole")
     cfg = build_config(cfg.model_dump(), ["data.domains.1.name=c"])
     assert [d.name for d in cfg.data.domains] == ["a", "c"]
@@ -41,14 +44,20 @@ def test_round_trip_through_yaml():
         ({"routr": {}}, [], r"`routr`: unknown key"),
         ({}, ["router.top_k=0"], r"`router.top_k`: Input should be greater than or equal to 1 \(got 0\)"),
         ({}, ["recipe=switch"], r"`recipe`: Input should be 'moa', 'mole' or 'modula' \(got 'switch'\)"),
-        ({"data": {"domains": [{"name": "a", "train": "x"}]}}, ["router.top_k=2"],
-         r"`router.top_k` must be in \[1, 1\] \(the number of domains\), got 2. Lower top_k or add domains"),
+        (
+            {"data": {"domains": [{"name": "a", "train": "x"}]}},
+            ["router.top_k=2"],
+            r"`router.top_k` must be in \[1, 1\] \(the number of domains\), got 2. Lower top_k or add domains",
+        ),
         ({"data": {"domains": [{"name": "a/b", "train": "x"}]}}, [], r"invalid expert name 'a/b'"),
         ({"data": {"domains": [{"name": "a", "train": "x"}, {"name": "a", "train": "y"}]}}, [], r"duplicates \['a'\]"),
         ({}, ["universal.enabled=true"], r"`universal.enabled` is only used by recipe `modula`"),
         ({}, ["model.synthetic.num_heads=3"], r"`model.synthetic.num_heads` \(3\) must divide"),
-        ({"recipe": "modula", "universal": {"enabled": True, "variant": "res"}}, [],
-         r"`universal.variant: res` is not trainable by the pipeline yet"),
+        (
+            {"recipe": "modula", "universal": {"enabled": True, "variant": "res"}},
+            [],
+            r"`universal.variant: res` is not trainable by the pipeline yet",
+        ),
         ({}, ["top_k"], r"override 'top_k' must look like `key.path=value`"),
     ],
 )

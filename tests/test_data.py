@@ -78,7 +78,10 @@ def test_batches_are_deterministic_and_resumable(tok):
     [
         ("", "has no rows"),
         ('{"prompt": "a"}\n', r"row 1: missing field 'completion'"),
-        ('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "b"}\n', r"row 2: field 'prompt' must be a string"),
+        (
+            '{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "b"}\n',
+            r"row 2: field 'prompt' must be a string",
+        ),
         ('{"prompt": "a", "completion": ""}\n', r"row 1: field 'completion' is empty"),
         ('{"prompt": "a", "completion": "b"}\nnot json\n', r"row 2: not valid JSON"),
         ("[1, 2]\n", r"row 1: expected a JSON object"),

@@ -22,8 +22,9 @@ def test_non_string_name_rejected():
 
 
 def test_names_with_dots_and_dashes_work(adapters):
-    mm = MixtureModel.from_adapters(tiny_llama(0), {"v1.2-math": adapters["sort"], "b_c": adapters["reverse"]},
-                                    router="modula")  # fmt: skip
+    mm = MixtureModel.from_adapters(
+        tiny_llama(0), {"v1.2-math": adapters["sort"], "b_c": adapters["reverse"]}, router="modula"
+    )
     assert mm.expert_names == ["v1.2-math", "b_c"]
 
 
@@ -45,8 +46,11 @@ def test_missing_directory_and_files(tmp_path, adapters):
 
 
 def test_adapter_from_another_base_rejected(adapters):
-    with pytest.raises(ValueError, match=r"expert 'a': 7 adapted modules do not exist in the base model \(e\.g\. "
-                                         r"'model\.layers\.1\.mlp\.down_proj'\)(.|\n)*expert 'b'"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"expert 'a': 7 adapted modules do not exist in the base model \(e\.g\. "
+        r"'model\.layers\.1\.mlp\.down_proj'\)(.|\n)*expert 'b'",
+    ):
         MixtureModel.from_adapters(tiny_llama(0, layers=1), {"a": adapters["sort"], "b": adapters["reverse"]})
 
 

@@ -15,8 +15,18 @@ def make_layer(ranks=(2, 3, 4), universal=None, variant="flan", seed=0, d_in=10,
     owner = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
     scale = torch.cat([torch.full((r,), 0.5 * (i + 1)) for i, r in enumerate(ranks)])
     routing = Routing()
-    layer = MixtureLinear(base, torch.cat(A), torch.cat(B, 1), owner, scale, key="lin0", block=None,
-                          routing=routing, universal=universal, variant=variant)  # fmt: skip
+    layer = MixtureLinear(
+        base,
+        torch.cat(A),
+        torch.cat(B, 1),
+        owner,
+        scale,
+        key="lin0",
+        block=None,
+        routing=routing,
+        universal=universal,
+        variant=variant,
+    )
     return layer, routing, A, B
 
 

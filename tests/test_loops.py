@@ -30,8 +30,9 @@ def test_golden_expert_losses():
     torch.manual_seed(0)
     cfg = ExpertConfig(rank=4, alpha=8, steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0)
     seen = []
-    model, summary = train_expert(cfg, tiny_llama(0), batches(toy_examples(), 4, 0, steps=4),
-                                  report=lambda m, c: seen.append(m))  # fmt: skip
+    model, summary = train_expert(
+        cfg, tiny_llama(0), batches(toy_examples(), 4, 0, steps=4), report=lambda m, c: seen.append(m)
+    )
     torch.testing.assert_close(summary["losses"], EXPECTED_EXPERT, rtol=1e-5, atol=1e-5)
     assert [m["step"] for m in seen] == [1, 2, 3, 4] and all(METRIC_KEYS <= set(m) for m in seen)
     assert summary["steps"] == 4
@@ -68,7 +69,11 @@ def test_run_steps_reports_every_step():
     model = tiny_llama(0)
     stepper = TorchStepper(model.parameters(), RouterConfig(steps=2, lr=1e-3))
     seen = []
-    out = run_steps(model, batches(toy_examples(), 4, 0, steps=2), lm_loss, stepper, report=lambda m, c: seen.append((m, c)))
-    assert len(seen) == 2 and all(c is None for _, c in seen) and out["final_loss"] == pytest.approx(
-        sum(out["losses"]) / 2
+    out = run_steps(
+        model, batches(toy_examples(), 4, 0, steps=2), lm_loss, stepper, report=lambda m, c: seen.append((m, c))
+    )
+    assert (
+        len(seen) == 2
+        and all(c is None for _, c in seen)
+        and out["final_loss"] == pytest.approx(sum(out["losses"]) / 2)
     )

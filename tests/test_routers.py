@@ -42,15 +42,18 @@ def test_router_learns_domains(router_adapters, recipe, steps=60, lr=0.02):
     train, held_out = distilled_domains(mm, seed=0), distilled_domains(mm, n_per_domain=16, seed=1)
     b = collate(held_out, 0)
     uniform = mm(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}, expert_weights=torch.ones(3) / 3).loss
-    oracle = mm(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")},
-                expert_weights=torch.eye(3)[b["domain"]]).loss  # fmt: skip
+    oracle = mm(
+        **{k: b[k] for k in ("input_ids", "attention_mask", "labels")}, expert_weights=torch.eye(3)[b["domain"]]
+    ).loss
     assert oracle < uniform - 1.0  # sanity: picking the right expert matters for this data
     experts_before = {n: p.clone() for n, p in mm.named_parameters() if "lora_" in n}
     router_before = {n: p.clone() for n, p in mm.router.named_parameters()}
     before = route_accuracy(mm, held_out)
     cfg = RouterConfig(steps=steps, batch_size=24, lr=lr, warmup_ratio=0.0, balance_coef=0.0)
     seen = []
-    summary = train_router(cfg, mm, batches(train, 24, 0, steps=steps), report=lambda m, c: seen.append(m), recipe=recipe)
+    summary = train_router(
+        cfg, mm, batches(train, 24, 0, steps=steps), report=lambda m, c: seen.append(m), recipe=recipe
+    )
     after = route_accuracy(mm, held_out)
     assert after >= 0.95 and after > before, (before, after)
     assert summary["steps"] == steps and len(seen) == steps

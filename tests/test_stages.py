@@ -24,16 +24,20 @@ def saved_base(tmp_path_factory):
 
 def test_demo_runs_every_stage_on_a_saved_base(saved_base, tmp_path):
     info = synthetic.write_demo_data(tmp_path / "data", ["reverse", "shift"], train_size=32, eval_size=4)
-    cfg = build_config({
-        "model": {"base": str(saved_base)},
-        "data": {"max_length": 32, "domains": info["domains"]},
-        "expert": {"rank": 2, "steps": 3, "batch_size": 8},
-        "router": {"steps": 3, "batch_size": 8},
-    })  # fmt: skip
+    cfg = build_config(
+        {
+            "model": {"base": str(saved_base)},
+            "data": {"max_length": 32, "domains": info["domains"]},
+            "expert": {"rank": 2, "steps": 3, "batch_size": 8},
+            "router": {"steps": 3, "batch_size": 8},
+        }
+    )
     report = run_demo(cfg, tmp_path / "out")
     assert set(report["methods"]) == set(stages.METHODS)
-    assert report["training"]["multitask_lora"]["steps"] == 6 and report["training"]["expert/reverse" if
-           "expert/reverse" in report["training"] else "reverse"]["steps"] == 3  # fmt: skip
+    assert (
+        report["training"]["multitask_lora"]["steps"] == 6
+        and report["training"]["expert/reverse" if "expert/reverse" in report["training"] else "reverse"]["steps"] == 3
+    )
     manifest = json.loads((tmp_path / "out" / "artifact" / "manifest.json").read_text())
     assert manifest["base_model"] == str(saved_base.resolve())
     mm = MixtureModel.from_pretrained(tmp_path / "out" / "artifact")
@@ -43,8 +47,12 @@ def test_demo_runs_every_stage_on_a_saved_base(saved_base, tmp_path):
 
 def test_missing_eval_split_is_named(saved_base, tmp_path):
     info = synthetic.write_demo_data(tmp_path, ["reverse"], train_size=4, eval_size=2)
-    cfg = build_config({"model": {"base": str(saved_base)},
-                        "data": {"domains": [{"name": "reverse", "train": info["domains"][0]["train"]}]}})  # fmt: skip
+    cfg = build_config(
+        {
+            "model": {"base": str(saved_base)},
+            "data": {"domains": [{"name": "reverse", "train": info["domains"][0]["train"]}]},
+        }
+    )
     tok = stages.load_tokenizer(stages.prepare_base(cfg, tmp_path / "unused"))
     with pytest.raises(ValueError, match=r"domain 'reverse' has no `eval` file; set `data.domains\[0\].eval`"):
         stages.domain_examples(cfg, tok, "eval")

@@ -47,8 +47,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, init_range: float = 0.02) -> Llam
     return LlamaForCausalLM(cfg).eval()
 
 
-def make_adapter(base_seed: int, path, *, seed: int, r: int = 4, alpha: float = 8, targets="all-linear", b_scale: float = 4.0,
-                 **kw) -> str:
+def make_adapter(
+    base_seed: int, path, *, seed: int, r: int = 4, alpha: float = 8, targets="all-linear", b_scale: float = 4.0, **kw
+) -> str:
     """Save a PEFT LoRA with random (nonzero) A and B for the tiny Llama of ``base_seed``."""
     base = tiny_llama(base_seed)
     torch.manual_seed(seed)
@@ -69,7 +70,7 @@ def batch(seed: int = 0, b: int = 3, t: int = 7, left_pad: bool = True):
     mask = torch.ones(b, t, dtype=torch.long)
     for i in range(1, b):
         if left_pad:
-            mask[i, : i] = 0
+            mask[i, :i] = 0
         else:
             mask[i, t - i :] = 0
     ids = ids.masked_fill(mask == 0, 0)

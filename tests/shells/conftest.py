@@ -11,8 +11,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -25,8 +29,16 @@ def small_config(data_dir, output, tasks=("reverse", "rotate"), **over):
     info = write_demo_data(data_dir, list(tasks), train_size=64, eval_size=8)
     data = {
         "output": str(output),
-        "model": {"synthetic": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2,
-                                "pretrain_steps": 10, "batch_size": 16}},  # fmt: skip
+        "model": {
+            "synthetic": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_layers": 2,
+                "num_heads": 2,
+                "pretrain_steps": 10,
+                "batch_size": 16,
+            }
+        },
         "data": {"max_length": 32, "eval_limit": 8, "domains": info["domains"]},
         "expert": {"rank": 4, "steps": 4, "batch_size": 8},
         "router": {"steps": 4, "batch_size": 8},

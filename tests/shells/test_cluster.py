@@ -67,8 +67,12 @@ def test_job_spreads_experts_over_both_nodes(two_nodes, tmp_path):
     status = wait(client, job)
     assert str(status) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
     report = read_json(tmp_path / "out" / "report.json")
-    nodes = {n for job_name, t in report["training"].items() if job_name.startswith(("expert/", "multitask"))
-             for n in t["node_ids"]}  # fmt: skip
+    nodes = {
+        n
+        for job_name, t in report["training"].items()
+        if job_name.startswith(("expert/", "multitask"))
+        for n in t["node_ids"]
+    }
     assert len(nodes) == 2, report["training"]
     assert "reverse" in client.get_job_logs(job)  # the report table reached the job's log
 
@@ -81,9 +85,13 @@ def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
     def checkpointed_unfinished() -> set[str]:
         """Trainer runs with a mid-training checkpoint and no finished-stage marker yet."""
         # A checkpoint counts once Ray Train registered it in the run's snapshot (files alone may be mid-upload).
-        snapshots = (out / "ray_storage").glob("*/checkpoint_manager_snapshot.json") if (out / "ray_storage").exists() else []
+        snapshots = (
+            (out / "ray_storage").glob("*/checkpoint_manager_snapshot.json") if (out / "ray_storage").exists() else []
+        )
         runs = {p.parent.name for p in snapshots if json.loads(p.read_text())["checkpoint_results"]}
-        done = {p.stem.replace("__", "-") for p in (out / "stages").glob("*.json")} if (out / "stages").exists() else set()
+        done = (
+            {p.stem.replace("__", "-") for p in (out / "stages").glob("*.json")} if (out / "stages").exists() else set()
+        )
         return {r for r in runs if r.rsplit("-", 1)[0] not in done}
 
     client, job = submit(url, path, out, "stop")

@@ -65,15 +65,21 @@ def test_rerun_skips_every_stage(first_run):
 
     cfg, root, report, snapshot = first_run
     again = run_pipeline(cfg, root / "out")
-    assert set(again["cached_stages"]) == {"base", "expert/reverse", "expert/rotate", "multitask_lora", "router",
-                                           *(f"eval/{m}" for m in METHODS)}  # fmt: skip
+    assert set(again["cached_stages"]) == {
+        "base",
+        "expert/reverse",
+        "expert/rotate",
+        "multitask_lora",
+        "router",
+        *(f"eval/{m}" for m in METHODS),
+    }
     assert again["methods"] == report["methods"]
     assert all(p.read_bytes() == b for p, b in snapshot.items())
 
 
 def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
-    from pipelines.add_domain import add_domain
     from loramix.synthetic import make_rows, write_jsonl
+    from pipelines.add_domain import add_domain
 
     cfg, root, report, snapshot = first_run
     train = write_jsonl(make_rows("shift", 64, seed=0), root / "data" / "shift.train.jsonl")
@@ -115,8 +121,12 @@ def test_modula_with_universal_lora_and_mole_recipes(first_run, tmp_path):
     assert "router" not in mole["cached_stages"]
     assert json.loads((out / "artifact" / "router" / "config.json").read_text())["recipe"] == "mole"
 
-    modula = cfg.model_copy(update={"recipe": "modula", "universal": cfg.universal.model_copy(
-        update={"enabled": True, "steps": 4, "batch_size": 8})})  # fmt: skip
+    modula = cfg.model_copy(
+        update={
+            "recipe": "modula",
+            "universal": cfg.universal.model_copy(update={"enabled": True, "steps": 4, "batch_size": 8}),
+        }
+    )
     report = run_pipeline(modula, out)
     assert report["recipe"] == "modula" and "universal" in report["training"]
     assert "expert/reverse" not in report["cached_stages"]  # experts now train on top of the universal LoRA

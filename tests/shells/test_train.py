@@ -22,7 +22,9 @@ def world(ray_local, tmp_path_factory):
     cfg = small_config(root / "data", root / "out")
     base = stages.prepare_base(cfg, root / "out" / "base")
     tok = stages.load_tokenizer(base)
-    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in stages.domain_examples(cfg, tok, "train")["reverse"]]
+    rows = [
+        {"input_ids": e.input_ids, "labels": e.labels} for e in stages.domain_examples(cfg, tok, "train")["reverse"]
+    ]
     return cfg, root, base, rows
 
 
@@ -49,6 +51,7 @@ def test_zero3_saves_full_gathered_weights_equal_to_zero0(world):
 
 def test_killed_worker_is_retried_and_resumes_from_checkpoint(world):
     import ray
+
     from actors.progress import ProgressActor
 
     cfg, root, base, rows = world
