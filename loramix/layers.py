@@ -102,14 +102,16 @@ class MixtureLinear(nn.Module):
         if variant == "res" and universal is None:
             raise ValueError("the `res` variant feeds experts the universal LoRA's output; pass `universal`.")
         self.base_layer = base_layer
-        dtype, device = base_layer.weight.dtype, base_layer.weight.device
-        self.lora_A = nn.Parameter(lora_A.to(device, dtype), requires_grad=False)
-        self.lora_B = nn.Parameter(lora_B.to(device, dtype), requires_grad=False)
+        # Adapters keep the dtype they were saved in (PEFT likewise keeps LoRA weights in float32
+        # under a bf16 base): saving a mixture writes them back losslessly; inputs are cast to it.
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(lora_A.to(device), requires_grad=False)
+        self.lora_B = nn.Parameter(lora_B.to(device, lora_A.dtype), requires_grad=False)
         self.register_buffer("expert_of_rank", expert_of_rank.to(device), persistent=False)
-        self.register_buffer("scale_of_rank", scale_of_rank.to(device, dtype), persistent=False)
+        self.register_buffer("scale_of_rank", scale_of_rank.to(device, torch.float32), persistent=False)
         if universal is not None:
-            self.universal_A = nn.Parameter(universal[0].to(device, dtype), requires_grad=False)
-            self.universal_B = nn.Parameter(universal[1].to(device, dtype), requires_grad=False)
+            self.universal_A = nn.Parameter(universal[0].to(device), requires_grad=False)
+            self.universal_B = nn.Parameter(universal[1].to(device, universal[0].dtype), requires_grad=False)
             self.universal_scale = float(universal[2])
         else:
             self.universal_A = self.universal_B = None
@@ -142,7 +144,8 @@ class MixtureLinear(nn.Module):
             return y
         z = x
         if self.universal_A is not None:
-            h = F.linear(F.linear(x, self.universal_A), self.universal_B) * self.universal_scale
+            uA = self.universal_A
+            h = (F.linear(F.linear(x.to(uA.dtype), uA), self.universal_B) * self.universal_scale).to(y.dtype)
             y = y + h
             if self.variant == "res":
                 z = h
@@ -155,7 +158,7 @@ class MixtureLinear(nn.Module):
             if idx.numel() == 0:
                 return y
             A, B, owner, scale = A[idx], B[:, idx], owner[idx], scale[idx]
-        rank_gates = gates[..., owner].to(A.dtype) * scale  # [batch, (seq,) R]
+        rank_gates = (gates[..., owner].float() * scale).to(A.dtype)  # [batch, (seq,) R]
         if rank_gates.dim() == 2:  # per sequence: broadcast over every token position
             rank_gates = rank_gates.view(rank_gates.shape[0], *([1] * (x.dim() - 2)), -1)
         t = F.linear(z.to(A.dtype), A)  # [batch, seq, R]

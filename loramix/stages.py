@@ -81,16 +81,23 @@ def load_tokenizer(base_info: dict):
     return tok
 
 
-def domain_examples(cfg: LoramixConfig, tokenizer, split: str) -> dict[str, list[data.Example]]:
-    """Tokenised examples per domain for ``split`` (``train`` or ``eval``), domain index = config order."""
+def domain_examples(
+    cfg: LoramixConfig, tokenizer, split: str, names: list[str] | None = None
+) -> dict[str, list[data.Example]]:
+    """Tokenised examples per domain for ``split`` (``train`` or ``eval``), domain index = config order.
+
+    Args:
+        names: only these domains (default: all); an expert's trainer tokenises just its own.
+    """
     out = {}
     for i, d in enumerate(cfg.data.domains):
+        if names is not None and d.name not in names:
+            continue
         path = getattr(d, split)
         if path is None:
             raise ValueError(f"domain {d.name!r} has no `{split}` file; set `data.domains[{i}].{split}`.")
-        ex = data.load_domain(
-            path, tokenizer, cfg.data.max_length, i, cfg.data.prompt_field, cfg.data.completion_field
-        )[1]
+        fields = (cfg.data.prompt_field, cfg.data.completion_field)
+        ex = data.load_domain(path, tokenizer, cfg.data.max_length, i, *fields)[1]
         out[d.name] = ex[: cfg.data.eval_limit] if split == "eval" else ex
     return out
 

@@ -92,7 +92,7 @@ def lora_stage(
     """
     cfg = LoramixConfig.model_validate(cfg_dict)
     tokenizer = stages.load_tokenizer(base_info)
-    train = stages.domain_examples(cfg, tokenizer, "train")
+    train = stages.domain_examples(cfg, tokenizer, "train", domains)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for d in domains for e in train[d]]
     # A global shuffle here, once: Ray Data only shuffles within a local buffer, and file order
     # (one domain after another) made the multitask LoRA oscillate between domains.

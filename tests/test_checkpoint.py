@@ -64,3 +64,17 @@ def test_masked_experts_survive_save(adapters, tmp_path):
     assert loaded.router.masked.tolist() == [True, False, False]
     ids, _ = batch(10)
     assert torch.all(loaded.route(input_ids=ids)[:, 0] == 0)
+
+
+def test_bf16_base_keeps_float32_experts_lossless(adapters, tmp_path):
+    from loramix.experts import Expert
+
+    mm = MixtureModel.from_adapters(tiny_llama(0).to(torch.bfloat16), adapters, router=None)
+    ids, mask = batch(15)
+    out = logits(mm, ids, mask, expert_weights=one_hot(3, 3, 0))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    mm.save_pretrained(tmp_path / "mix")
+    for name, path in adapters.items():
+        original, saved = Expert.from_dir(name, path), Expert.from_dir(name, tmp_path / "mix" / "experts" / name)
+        assert all(torch.equal(saved.lora_A[m], original.lora_A[m]) for m in original.modules)
+        assert all(saved.lora_A[m].dtype == torch.float32 for m in original.modules)
