@@ -44,11 +44,20 @@ class Routing:
         self.freeze = False  # generation: keep gates computed on the prompt for later tokens
         self.disabled = False  # plain base forward (router features, the `base` baseline)
         self.record: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (gates, token mask)
+        self.row_experts: torch.Tensor | None = None  # [batch, k] each row's experts (per-row path)
+        self.row_gates: torch.Tensor | None = None  # [batch, k] their gates
 
     def set_weights(self, weights: torch.Tensor) -> None:
         self.weights = weights
-        # One host sync per call (not per layer) decides which experts the layers may skip.
-        self.active = tuple((weights != 0).any(0).tolist())
+        # One host sync per call (not per layer) decides which experts the layers may skip, and
+        # whether rows should each gather only their own experts (k per row < experts in the batch).
+        nonzero = weights != 0
+        stats = torch.cat([nonzero.any(0), nonzero.sum(-1).max().view(1)]).tolist()
+        self.active, k = tuple(bool(a) for a in stats[:-1]), int(stats[-1])
+        self.row_experts = self.row_gates = None
+        if 0 < k < sum(self.active):
+            self.row_experts = weights.abs().topk(k, dim=-1).indices  # [batch, k]
+            self.row_gates = weights.gather(-1, self.row_experts)  # [batch, k]
 
     def gates_for(self, layer: MixtureLinear, x: torch.Tensor) -> torch.Tensor | None:
         if self.weights is not None:
@@ -118,6 +127,7 @@ class MixtureLinear(nn.Module):
         self.key, self.block, self.variant = key, block, variant
         object.__setattr__(self, "routing", routing)  # shared state, deliberately not a submodule
         self._slices: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._pad_cache: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def in_features(self) -> int:
@@ -152,6 +162,8 @@ class MixtureLinear(nn.Module):
         gates = routing.gates_for(self, x)  # None, [batch, E] or [batch, seq, E]
         if gates is None or self.lora_A.shape[0] == 0:
             return y
+        if gates.dim() == 2 and routing.row_experts is not None and x.dim() == 3:
+            return y + self._per_row(z, routing, gates.shape[-1]).to(y.dtype)
         A, B, owner, scale = self.lora_A, self.lora_B, self.expert_of_rank, self.scale_of_rank
         idx = self._active_ranks(routing.active) if gates.dim() == 2 else None
         if idx is not None:
@@ -165,6 +177,37 @@ class MixtureLinear(nn.Module):
         if self.variant == "res":
             t = F.silu(t)
         return y + F.linear(t * rank_gates, B).to(y.dtype)
+
+    def _padded(self, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-expert stacks ``A [E, r_max, d_in]`` and ``s*B^T [E, r_max, d_out]``, zero-padded (cached)."""
+        cached = self._pad_cache
+        if cached is not None and cached[0].shape[0] == n_experts and cached[0].device == self.lora_A.device:
+            return cached
+        r_max = int(torch.bincount(self.expert_of_rank, minlength=n_experts).max())
+        A = self.lora_A.new_zeros(n_experts, r_max, self.lora_A.shape[1])
+        Bt = self.lora_B.new_zeros(n_experts, r_max, self.lora_B.shape[0])
+        for e in range(n_experts):
+            idx = (self.expert_of_rank == e).nonzero().flatten()
+            A[e, : len(idx)] = self.lora_A[idx]
+            Bt[e, : len(idx)] = (self.lora_B[:, idx] * self.scale_of_rank[idx].to(self.lora_B.dtype)).T
+        self._pad_cache = (A, Bt, r_max)
+        return self._pad_cache
+
+    def _per_row(self, z: torch.Tensor, routing: Routing, n_experts: int) -> torch.Tensor:
+        """Each row gathers only its own k experts: two batched GEMMs of rank ``k * r_max``.
+
+        Punica/S-LoRA style: with top-k routing over many experts, the union of a batch's experts
+        (the concatenated path) costs every row all of them; this costs each row its k.
+        """
+        A_pad, Bt_pad, r = self._padded(n_experts)
+        idx = expand_batch(routing.row_experts, z.shape[0])  # [batch, k]
+        gates = expand_batch(routing.row_gates, z.shape[0])  # [batch, k]
+        b, k = idx.shape
+        t = torch.bmm(z.to(A_pad.dtype), A_pad[idx].reshape(b, k * r, -1).transpose(1, 2))  # [batch, seq, k*r]
+        if self.variant == "res":
+            t = F.silu(t)
+        t = t * gates.to(t.dtype).repeat_interleave(r, dim=-1)[:, None, :]
+        return torch.bmm(t, Bt_pad[idx].reshape(b, k * r, -1))  # [batch, seq, d_out]
 
     def expert_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A_i, B_i)`` of expert ``i`` on this module, or None if it does not adapt it."""

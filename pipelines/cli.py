@@ -61,6 +61,15 @@ def _add_domain(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from benchmarks.bench import run, summary
+
+    result = run(args.output, quick=args.quick)
+    print(summary(result))
+    print(f"\nwrote {args.output}/bench.json and bench.png")
+    return 0
+
+
 def _demo_data(args) -> int:
     from loramix.synthetic import write_demo_data
 
@@ -103,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, default=4000)
     p.add_argument("--eval-size", type=int, default=200)
     p.set_defaults(func=_demo_data)
+    p = sub.add_parser("bench", help="benchmark the mixture against its base and PEFT (ratios, same process)")
+    p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes), as CI runs it")
+    p.add_argument("--output", default="out/bench")
+    p.set_defaults(func=_bench)
     p = sub.add_parser("config-help", help="print every config key with its default and description")
     p.set_defaults(func=_config_help)
     return parser

@@ -73,8 +73,12 @@ def test_universal_flan_and_res():
     torch.manual_seed(1)
     uA, uB = torch.randn(3, 10), torch.randn(20, 3)
     x = torch.randn(2, 4, 10)
-    w = torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]])
-    for variant in ("flan", "res"):
+    # the first weights take the concatenated path, the second (one expert per row) the per-row path
+    for variant, w in [
+        (v, w)
+        for v in ("flan", "res")
+        for w in (torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    ]:
         layer, routing, A, B = make_layer(universal=(uA, uB, 2.0), variant=variant)
         routing.set_weights(w)
         h = 2.0 * (x @ uA.T @ uB.T)
@@ -91,3 +95,17 @@ def test_delta_weight_equals_forward():
     routing.set_weights(w.expand(5, -1))
     merged = layer.base_layer(x) + x @ layer.delta_weight(w).T
     assert_close(layer(x), merged, atol=1e-4)
+
+
+def test_per_row_path_equals_union_path():
+    """Rows with different top-2 experts: each row gathers its own experts (Punica-style) and the
+    result equals the dense formula over all experts."""
+    layer, routing, A, B = make_layer(ranks=(2, 3, 4, 2))
+    x = torch.randn(4, 5, 10)
+    w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    routing.set_weights(w)
+    assert routing.row_experts is not None and routing.row_experts.shape == (4, 2)
+    want = layer.base_layer(x) + sum(w[:, i, None, None] * expert_out(layer, A, B, i, x) for i in range(4))
+    assert_close(layer(x), want, atol=1e-4)
+    routing.set_weights(torch.full((4, 4), 0.25))  # every row uses every expert: concatenated path
+    assert routing.row_experts is None

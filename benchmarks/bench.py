@@ -1,0 +1,232 @@
+"""``loramix bench``: how much a mixture costs over its base, and how it serves many experts.
+
+Every figure is a ratio against a baseline timed in the same process, right after it (these
+machines are noisy); nothing here asserts a speed. Sections:
+
+1. forward overhead: mixture (8 experts, rank 16, top-2 per sequence) vs the base alone, with
+   the theoretical extra FLOPs k*r*(d_in+d_out)/(d_in*d_out) of the adapted linears;
+2. heterogeneous generation: every prompt wants another expert; loramix in one batch vs PEFT
+   one request at a time with ``set_adapter`` and vs PEFT's mixed batch ``adapter_names``;
+3. memory: bytes per extra expert in a fused replica vs a full copy of the model.
+
+Training on Ray (ZeRO stages, concurrent experts) and Serve latency are not measured here yet.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from loramix import MixtureModel
+
+
+@dataclass
+class BenchConfig:
+    hidden: int = 512
+    intermediate: int = 1376
+    layers: int = 4
+    vocab: int = 2048
+    experts: int = 8
+    rank: int = 16
+    top_k: int = 2
+    batch: int = 8
+    seq: int = 256
+    prompts: int = 32
+    new_tokens: int = 32
+    repeats: int = 5
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(hidden=256, intermediate=688, layers=2, vocab=512, seq=64, prompts=16, new_tokens=8, repeats=3)
+
+
+def build(cfg: BenchConfig, root: Path):
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=cfg.seq + cfg.new_tokens + 8,
+        pad_token_id=0,
+    )
+    base_state = LlamaForCausalLM(llama).eval().state_dict()
+
+    def fresh():
+        model = LlamaForCausalLM(llama).eval()
+        model.load_state_dict(base_state)
+        return model
+
+    adapters = {}
+    for i in range(cfg.experts):
+        peft = get_peft_model(
+            fresh(),
+            LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules="all-linear", init_lora_weights=False),
+        )
+        adapters[f"e{i}"] = str(root / f"e{i}")
+        peft.save_pretrained(adapters[f"e{i}"])
+    return fresh, adapters
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def forward_overhead(cfg: BenchConfig, fresh, adapters) -> dict:
+    base = fresh()
+    mm = MixtureModel.from_adapters(fresh(), adapters, router=None)
+    ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq))
+    g = torch.Generator().manual_seed(0)
+    weights = torch.zeros(cfg.batch, cfg.experts)
+    for row in range(cfg.batch):  # top-k experts per sequence, renormalised
+        pick = torch.randperm(cfg.experts, generator=g)[: cfg.top_k]
+        weights[row, pick] = 1.0 / cfg.top_k
+    active = int((weights > 0).any(0).sum())
+    t_base = timed(lambda: base(input_ids=ids, logits_to_keep=1), cfg.repeats)
+    t_mix = timed(lambda: mm(input_ids=ids, expert_weights=weights, logits_to_keep=1), cfg.repeats)
+    linears = [(m.in_features, m.out_features) for m in mm.layers.values()]
+    dense = sum(i * o for i, o in linears)
+
+    def extra(k):
+        return sum(k * cfg.rank * (i + o) for i, o in linears) / dense
+
+    return {
+        "base_s": t_base,
+        "mixture_s": t_mix,
+        "ratio": t_mix / t_base,
+        "target_ratio": 1.15,
+        "theoretical_extra_flops_topk": extra(cfg.top_k),
+        "experts_active_in_batch": active,
+        # Rows gather their own top-k experts when k < experts active in the batch; else the union runs.
+        "theoretical_extra_flops_as_computed": extra(cfg.top_k if cfg.top_k < active else active),
+    }
+
+
+@torch.no_grad()
+def heterogeneous_generation(cfg: BenchConfig, fresh, adapters) -> dict:
+    names = list(adapters)
+    prompts = torch.randint(1, cfg.vocab, (cfg.prompts, 16))
+    owner = [names[i % len(names)] for i in range(cfg.prompts)]
+    gen = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens, "do_sample": False, "pad_token_id": 0}
+    mm = MixtureModel.from_adapters(fresh(), adapters, router=None)
+    weights = torch.stack(
+        [torch.nn.functional.one_hot(torch.tensor(names.index(o)), len(names)) for o in owner]
+    ).float()
+    peft = PeftModel.from_pretrained(fresh(), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(adapters[name], adapter_name=name)
+    peft.eval()
+
+    def loramix_batched():
+        mm.generate(input_ids=prompts, expert_weights=weights, **gen)
+
+    def peft_sequential():
+        for i, name in enumerate(owner):
+            peft.set_adapter(name)
+            peft.generate(input_ids=prompts[i : i + 1], **gen)
+
+    def peft_mixed_batch():
+        peft.generate(input_ids=prompts, adapter_names=owner, **gen)
+
+    # What is timed must be right: the batched mixture generates exactly what PEFT does per adapter.
+    same = torch.equal(
+        mm.generate(input_ids=prompts, expert_weights=weights, **gen),
+        peft.generate(input_ids=prompts, adapter_names=owner, **gen),
+    )
+    reps = max(1, cfg.repeats // 2)
+    t_mix = timed(loramix_batched, reps)
+    t_seq = timed(peft_sequential, 1)
+    t_mixed = timed(peft_mixed_batch, reps)
+    tokens = cfg.prompts * cfg.new_tokens
+    return {
+        "tokens": tokens,
+        "loramix_tok_s": tokens / t_mix,
+        "peft_set_adapter_tok_s": tokens / t_seq,
+        "peft_adapter_names_tok_s": tokens / t_mixed,
+        "speedup_vs_set_adapter": t_seq / t_mix,
+        "speedup_vs_adapter_names": t_mixed / t_mix,
+        "targets": {"vs_set_adapter": 3.0, "vs_adapter_names": 1.5},
+        "outputs_match_peft": same,
+    }
+
+
+def memory(cfg: BenchConfig, fresh, adapters) -> dict:
+    mm = MixtureModel.from_adapters(fresh(), adapters, router=None)
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in mm.named_parameters() if "lora_" in n)
+    model_bytes = sum(p.numel() * p.element_size() for p in fresh().parameters())
+    per_expert = expert_bytes / cfg.experts
+    return {"bytes_per_expert": per_expert, "bytes_full_model": model_bytes, "ratio": per_expert / model_bytes}
+
+
+def run(output: str | Path, quick: bool = False) -> dict:
+    cfg = BenchConfig.quick() if quick else BenchConfig()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh, adapters = build(cfg, Path(tmp))
+        result = {
+            "config": asdict(cfg),
+            "torch_threads": torch.get_num_threads(),
+            "forward_overhead": forward_overhead(cfg, fresh, adapters),
+            "heterogeneous_generation": heterogeneous_generation(cfg, fresh, adapters),
+            "memory": memory(cfg, fresh, adapters),
+        }
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out)
+    return result
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f, h = result["forward_overhead"], result["heterogeneous_generation"]
+    labels = ["forward\nmixture/base", "generation\nvs set_adapter", "generation\nvs adapter_names"]
+    values = [f["ratio"], h["speedup_vs_set_adapter"], h["speedup_vs_adapter_names"]]
+    targets = [f["target_ratio"], h["targets"]["vs_set_adapter"], h["targets"]["vs_adapter_names"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(labels, values, color=["#4c72b0", "#55a868", "#55a868"])
+    ax.scatter(labels, targets, marker="_", s=900, color="red", label="target")
+    ax.set_ylabel("ratio")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=100)
+    plt.close(fig)
+
+
+def summary(result: dict) -> str:
+    f, h, m = result["forward_overhead"], result["heterogeneous_generation"], result["memory"]
+    return "\n".join(
+        [
+            f"forward: mixture/base = {f['ratio']:.2f}x (target <= 1.15x); theoretical extra FLOPs "
+            f"{f['theoretical_extra_flops_topk']:.1%} at top-{result['config']['top_k']}, "
+            f"{f['theoretical_extra_flops_as_computed']:.1%} as computed "
+            f"({f['experts_active_in_batch']} experts active)",
+            f"generation: {h['loramix_tok_s']:.0f} tok/s loramix vs {h['peft_set_adapter_tok_s']:.0f} "
+            f"PEFT set_adapter "
+            f"({h['speedup_vs_set_adapter']:.2f}x, target 3x) vs {h['peft_adapter_names_tok_s']:.0f} "
+            f"PEFT adapter_names "
+            f"({h['speedup_vs_adapter_names']:.2f}x, target 1.5x)",
+            f"memory: {m['bytes_per_expert'] / 2**20:.2f} MiB per expert vs {m['bytes_full_model'] / 2**20:.1f} MiB "
+            f"per model copy ({m['ratio']:.2%})",
+        ]
+    )
