@@ -49,17 +49,13 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
     train = stages.domain_examples(cfg, tokenizer, "train")
     base = stages.load_base(cfg, base_info)
     adapters = {}
-    jobs = {name: train[name] for name in train} | {"multitask_lora": [e for ex in train.values() for e in ex]}
-    for job, examples in jobs.items():
+    jobs = {f"expert/{name}": (cfg.expert, ex) for name, ex in train.items()}
+    jobs["multitask_lora"] = (stages.multitask_optim(cfg), [e for ex in train.values() for e in ex])
+    for job, (optim, examples) in jobs.items():
         t = time.perf_counter()
-        optim = (
-            cfg.expert
-            if job != "multitask_lora"
-            else cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(train)})
-        )
         it = data.batches(examples, optim.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=optim.steps)
         model, summary = loops.train_expert(optim, copy.deepcopy(base), it, report=progress(job, optim.steps))
-        path = out / ("experts/" + job if job != "multitask_lora" else job)
+        path = out / job.replace("expert/", "experts/")
         model.save_pretrained(path)
         adapters[job] = str(path)
         timings[job] = time.perf_counter() - t
@@ -72,6 +68,7 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
             "losses": summary["losses"],
         }
     multitask = adapters.pop("multitask_lora")
+    adapters = {job.removeprefix("expert/"): path for job, path in adapters.items()}
     t = time.perf_counter()
     summary = stages.train_router_stage(
         cfg, base_info, adapters, out / "artifact", progress("router", cfg.router.steps)
@@ -83,6 +80,6 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
         m: stages.evaluate_method(m, cfg, base_info, adapters, artifact=str(out / "artifact"), multitask=multitask)
         for m in stages.METHODS
     }
-    router = stages.router_stage_eval(cfg, base_info, str(out / "artifact"))
+    router = methods["mixture"].pop("router")
     timings["eval"] = time.perf_counter() - t
     return write_report(out, cfg, methods=methods, router=router, training=training, timings=timings)

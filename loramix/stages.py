@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 METHODS = ("base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "mixture")
 
 
+def multitask_optim(cfg: LoramixConfig):
+    """The multitask baseline's optimiser: the experts' settings with ``N x expert.steps``, the same total budget."""
+    return cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(cfg.data.domains)})
+
+
 def _quiet(metrics, ckpt=None) -> None:
     return None
 
@@ -188,7 +193,11 @@ def evaluate_method(
     artifact: str | None = None,
     multitask: str | None = None,
 ) -> dict:
-    """Exact match and completion loss of one method on every domain's eval split."""
+    """Exact match and completion loss of one method on every domain's eval split.
+
+    For ``mixture`` the result also holds ``router``: accuracy and confusion matrix, scored on
+    the same loaded model and eval prompts.
+    """
     tokenizer = load_tokenizer(base_info)
     evals = domain_examples(cfg, tokenizer, "eval")
     build = method_models(method, cfg, base_info, adapters, artifact=artifact, multitask=multitask)
@@ -206,16 +215,13 @@ def evaluate_method(
             loss = evaluate.completion_loss(forward, examples, tokenizer.pad_token_id)
         per[name] = {"exact_match": em, "loss": loss}
     avg = {k: sum(v[k] for v in per.values()) / len(per) for k in ("exact_match", "loss")}
-    return {"per_domain": per, "avg": avg}
+    result = {"per_domain": per, "avg": avg}
+    if method == "mixture":
+        mm = build(None)
+        acc, confusion = evaluate.router_confusion(mm, evals, tokenizer.pad_token_id)
+        result["router"] = {"accuracy": acc, "confusion": confusion, "labels": mm.expert_names}
+    return result
 
 
 def _is_mixture(model) -> bool:
     return isinstance(getattr(model, "model", model), MixtureModel)
-
-
-def router_stage_eval(cfg: LoramixConfig, base_info: dict, artifact: str) -> dict:
-    """Router accuracy and confusion matrix on the eval prompts."""
-    tokenizer = load_tokenizer(base_info)
-    mm = MixtureModel.from_pretrained(artifact, base_model=load_base(cfg, base_info))
-    acc, confusion = evaluate.router_confusion(mm, domain_examples(cfg, tokenizer, "eval"), tokenizer.pad_token_id)
-    return {"accuracy": acc, "confusion": confusion, "labels": mm.expert_names}

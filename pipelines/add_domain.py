@@ -14,6 +14,7 @@ from pathlib import Path
 from loramix.artifact import read_json, write_json
 from loramix.config import ConfigError, DomainConfig, load_config
 from loramix.report import format_report
+from loramix.stages import multitask_optim
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def add_domain(output: str | Path, name: str, train: str, eval_path: str | None,
     report["add_domain"] = {
         "name": name,
         "new_expert_steps": cfg.expert.steps,
-        "multitask_steps_all_domains": cfg.expert.steps * n_all,
+        "multitask_steps_all_domains": multitask_optim(cfg).steps,
         "compute_ratio": 1 / n_all,  # same batch size and model: steps are the compute
         "retrained_stages": sorted(set(report["training"]) - set(report.get("cached_stages", []))),
         "old_domains": {

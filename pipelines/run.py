@@ -158,8 +158,6 @@ def eval_stage(
         )
     except ValueError as err:  # e.g. PEFT refusing a linear merge of different ranks: report, don't fail the run
         result = {"error": str(err)}
-    if method == "mixture":
-        result["router"] = stages.router_stage_eval(cfg, base_info, router["path"])
     result["seconds"] = time.perf_counter() - t0
     StageStore(store_root).mark(f"eval/{method}", digest, result)
     return result
@@ -218,7 +216,7 @@ class Pipeline:
 
         # Launched first: it is the longest job (N x expert.steps) and overlaps every expert.
         h_multi = fingerprint("multitask", h_base, cfg.expert, cfg.seed, [data[n][0] for n in names])
-        multi_optim = cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(names)})
+        multi_optim = stages.multitask_optim(cfg)
         multitask = lora("multitask_lora", names, multi_optim, str(out / "multitask_lora"), h_multi)
         universal, h_uni = None, None
         if cfg.universal.enabled:
