@@ -68,13 +68,17 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def resolve_base(name_or_path: str, root: Path) -> str:
+    """The base a manifest names: a path relative to the artifact, an absolute path or a hub id."""
+    local = Path(root) / name_or_path
+    return str(local) if local.is_dir() else name_or_path
+
+
 def load_base(name_or_path: str, root: Path, **kwargs):
     """Load the base a manifest names; relative paths are resolved against the artifact."""
     from transformers import AutoModelForCausalLM
 
-    local = root / name_or_path
-    target = str(local) if local.is_dir() else name_or_path
-    return AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path, root), **kwargs)
 
 
 def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):

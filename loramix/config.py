@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loramix.names import check_expert_name
+from loramix.serve_config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,8 @@ class LoramixConfig(_Section):
     """Distributed training behaviour."""
     resources: ResourcesConfig = ResourcesConfig()
     """Ray resources."""
+    serve: ServeConfig = ServeConfig()
+    """Serving (`loramix serve`); copied into the artifact so the endpoint deploys as trained."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> LoramixConfig:
@@ -216,7 +219,7 @@ class LoramixConfig(_Section):
         return self
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -269,7 +272,7 @@ def build_config(data: dict | None, overrides: list[str] = (), source: str = "<d
     try:
         return LoramixConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(format_errors(err, source)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> LoramixConfig:

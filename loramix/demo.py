@@ -15,6 +15,7 @@ from pathlib import Path
 from loramix import data, loops, stages, synthetic
 from loramix.config import LoramixConfig, dump_config
 from loramix.report import write_report
+from loramix.serve_config import save_serve_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
     summary = stages.train_router_stage(
         cfg, base_info, adapters, out / "artifact", progress("router", cfg.router.steps)
     )
+    save_serve_config(cfg.serve, out / "artifact")
     training["router"] = summary | {"zero_stage": None, "num_workers": 1}
     timings["router"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -213,10 +213,17 @@ class MixtureModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.setdefault("do_sample", False)
-        with self._routed(input_ids, attention_mask, expert_weights, freeze=True):
+        with self.decoding(input_ids, attention_mask, expert_weights):
             return self.base_model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
             )
+
+    def decoding(self, input_ids, attention_mask, expert_weights=None):
+        """Context in which ``base_model`` calls (prefill, then one token at a time with a KV cache)
+        decode as the mixture: routes are decided on the prompt (sequence/block routers) or per
+        token (token routers), or fixed by ``expert_weights`` ``[batch, E]``. Custom decode
+        loops (:mod:`loramix.serving`) run inside it; :meth:`generate` uses it too."""
+        return self._routed(input_ids, attention_mask, expert_weights, freeze=True)
 
     def mask_experts(self, names: Sequence[str] = ()) -> None:
         """Exclude experts from routing (MoLE-style); the remaining gates renormalise. ``()`` unmasks."""

@@ -4,6 +4,8 @@ loramix run CONFIG [--output DIR] [--address ADDR] [key.path=value ...]   the pi
 loramix add-domain OUTPUT --name NAME --train PATH [--eval PATH] [--address ADDR]
 loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
 loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
+loramix serve ARTIFACT [--topology fused|routed] [--host H] [--port P] [--address A] [--api-key K]
+loramix serve-config ARTIFACT [--output FILE] [key.path=value ...]   Serve YAML for `serve deploy`
 loramix config-help                                        every config key, default and meaning
 """
 
@@ -79,6 +81,26 @@ def _demo_data(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from pipelines import serve
+
+    cfg = serve.settings(
+        args.artifact, args.overrides, topology=args.topology, host=args.host, port=args.port,
+        api_key=serve.api_key_flag(args.api_key),
+    )  # fmt: skip
+    serve.serve_forever(args.artifact, cfg, args.address, detach=args.detach)
+    return 0
+
+
+def _serve_config(args) -> int:
+    from pipelines import serve
+
+    cfg = serve.settings(args.artifact, args.overrides, topology=args.topology)
+    text = serve.write_serve_config(args.artifact, cfg, args.output)
+    print(f"wrote {args.output}" if args.output else text, end="\n" if args.output else "")
+    return 0
+
+
 def _config_help(args) -> int:
     print("\n".join(config_help()))
     return 0
@@ -116,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes), as CI runs it")
     p.add_argument("--output", default="out/bench")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("serve", help="serve an artifact on Ray Serve (OpenAI-compatible HTTP)")
+    p.add_argument("artifact", help="the mixture folder `loramix run` wrote (OUTPUT/artifact)")
+    p.add_argument("--topology", choices=["fused", "routed"], help="default: the artifact's serve.json, else fused")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local instance)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: LORAMIX_API_KEY)")
+    p.add_argument("--detach", action="store_true", help="return once deployed (the app keeps running)")
+    p.add_argument("overrides", nargs="*", help="serve settings, e.g. experts.num_gpus=1 route_threshold=0.9")
+    p.set_defaults(func=_serve)
+    p = sub.add_parser("serve-config", help="write a Serve config YAML (`serve deploy`) for an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--topology", choices=["fused", "routed"])
+    p.add_argument("--output", help="file to write (default: print)")
+    p.add_argument("overrides", nargs="*", help="serve settings, e.g. experts.autoscaling.min_replicas=0")
+    p.set_defaults(func=_serve_config)
     p = sub.add_parser("config-help", help="print every config key with its default and description")
     p.set_defaults(func=_config_help)
     return parser

@@ -35,6 +35,7 @@ from loramix.artifact import StageStore, file_digest, fingerprint
 from loramix.config import LoramixConfig, dump_config
 from loramix.demo import ensure_demo_data
 from loramix.report import write_report
+from loramix.serve_config import save_serve_config
 from pipelines.progress import wait_with_bars
 from pipelines.train import fit_lora
 
@@ -300,6 +301,7 @@ class Pipeline:
             if (v := results.get(f"eval/{m}")) is not None
         }
         router = results["eval/mixture"].get("router", {})
+        save_serve_config(self.cfg.serve, self.out / "artifact")
         return write_report(
             self.out,
             self.cfg,

@@ -75,3 +75,46 @@ def batch(seed: int = 0, b: int = 3, t: int = 7, left_pad: bool = True):
             mask[i, t - i :] = 0
     ids = ids.masked_fill(mask == 0, 0)
     return ids, mask
+
+
+def demo_artifact(
+    path, *, recipe: str = "moa", top_k: int = 1, experts=("reverse", "sort", "shift"), seed: int = 0, router_steps=30
+):
+    """A saved mixture on the demo world: char tokenizer, small Llama, random experts (B != 0)
+    and a router trained for a few steps; ``path/base`` holds the base and ``path/tokenizer`` the tokenizer."""
+    from pathlib import Path
+
+    from loramix import data, loops, synthetic
+    from loramix.config import RouterConfig
+    from loramix.model import MixtureModel
+
+    path = Path(path)
+    tokenizer = synthetic.build_tokenizer()
+    torch.manual_seed(seed)
+    base = synthetic.build_base(tokenizer, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4).eval()
+    adapters = {}
+    for i, name in enumerate(experts):
+        torch.manual_seed(seed + i + 1)
+        peft_model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    p.mul_(4.0)
+        peft_model.save_pretrained(str(path.parent / f"{path.name}-adapters" / name))
+        adapters[name] = str(path.parent / f"{path.name}-adapters" / name)
+        base = peft_model.unload()
+    base.save_pretrained(str(path.parent / f"{path.name}-base"))
+    mm = MixtureModel.from_adapters(base, adapters, router=recipe, top_k=top_k)
+    torch.manual_seed(seed + 100)  # a briefly trained router, so prompts route by their cue word
+    rows = [
+        e for i, n in enumerate(experts) for e in data.tokenize_rows(synthetic.make_rows(n, 64, seed), tokenizer, 32, i)
+    ]
+    it = data.batches(rows, 32, tokenizer.pad_token_id, seed=seed, steps=router_steps)
+    loops.train_router(RouterConfig(steps=router_steps, lr=2e-2, warmup_ratio=0), mm, it, report=lambda m, c=None: None,
+                       recipe=recipe)  # fmt: skip
+    mm.eval()
+    mm.save_pretrained(path, base_path=str((path.parent / f"{path.name}-base").resolve()))
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    return path

@@ -1,0 +1,94 @@
+"""The `serve` section of the schema: topology, HTTP, limits and per-deployment resources.
+
+Ray-free on purpose: `serve_app/` translates these fields into Serve options in one place
+(:func:`serve_app.app.deployment_options`), the way Ray LLM's ``LLMConfig`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(0, ge=0)
+    """Fewest replicas; 0 lets an idle deployment scale to zero (the first request then waits for a start)."""
+    max_replicas: int = Field(2, ge=1)
+    """Most replicas the autoscaler may start."""
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    """Requests in flight per replica the autoscaler aims for."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"`min_replicas` ({self.min_replicas}) exceeds `max_replicas` ({self.max_replicas}). "
+                "Raise max_replicas or lower min_replicas."
+            )
+        return self
+
+
+class DeploymentConfig(_Section):
+    num_replicas: int = Field(1, ge=1)
+    """Fixed replica count (ignored when `autoscaling` is set)."""
+    autoscaling: AutoscalingConfig | None = None
+    """Autoscale between min and max replicas instead of a fixed count."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs reserved per replica (the autoscaler adds nodes to fit them)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica; 1 on a GPU cluster (fractions share a GPU)."""
+    max_ongoing_requests: int = Field(32, ge=1)
+    """Requests a replica accepts at once; more wait in Serve's queue."""
+
+
+def _experts_default() -> DeploymentConfig:
+    return DeploymentConfig(autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2))
+
+
+class ServeConfig(_Section):
+    topology: Literal["fused", "routed"] = "fused"
+    """`fused`: replicas hold base + all experts; `routed`: confident requests go to per-expert merged replicas."""
+    model_name: str = "loramix"
+    """Model id of the mixture in the API; each expert is `<model_name>:<expert>`."""
+    host: str = "127.0.0.1"
+    """HTTP host (0.0.0.0 to accept remote clients)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    api_key: str | None = None
+    """Bearer key every /v1 request must carry; None reads LORAMIX_API_KEY, and no key means open access."""
+    route_threshold: float = Field(0.8, ge=0, le=1)
+    """Routed topology: top-1 router weight at or above which a request goes to that expert's own replica."""
+    max_tokens_limit: int = Field(512, ge=1)
+    """Largest `max_tokens` a request may ask for."""
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    """Largest request body accepted (413 above it)."""
+    max_batch_size: int = Field(16, ge=1)
+    """Requests a model replica decodes together (`@serve.batch`)."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long a replica waits to fill a batch."""
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256)
+    """The HTTP front (tokenises, validates, dispatches); holds no model."""
+    fused: DeploymentConfig = DeploymentConfig()
+    """Replicas holding base + all experts."""
+    router: DeploymentConfig = DeploymentConfig()
+    """Routed topology: the replicas that score prompts."""
+    experts: DeploymentConfig = Field(default_factory=_experts_default)
+    """Routed topology: each expert's own deployment (base with that LoRA merged in)."""
+
+
+SERVE_JSON = "serve.json"
+
+
+def save_serve_config(cfg: ServeConfig, artifact) -> None:
+    """Store the run's serve settings in the artifact (``serve.json``) so ``loramix serve ARTIFACT``
+    deploys as configured. The API key is never written to disk."""
+    from pathlib import Path
+
+    from loramix.artifact import write_json
+
+    write_json(Path(artifact) / SERVE_JSON, cfg.model_dump(exclude={"api_key"}))

@@ -1,0 +1,306 @@
+"""Batched decoding for serving: many requests in one batch, each with its own sampling, stop
+strings, length and route.
+
+    engine = Engine.from_artifact("out/quickstart/artifact")
+    for step in engine.stream([GenerationRequest(engine.encode("reverse hello="))]):
+        ...  # one list per decode step: a Delta per request, None when it has nothing new
+
+One prefill, then one token per step for the whole batch with a KV cache, run inside
+:meth:`MixtureModel.decoding`, so greedy rows equal :meth:`MixtureModel.generate` token for
+token. A request's last Delta carries its ``finish_reason``; its first carries the route.
+The same engine serves a plain causal LM (an expert merged into the base: routed serving).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loramix.data import pad_left
+from loramix.model import MixtureModel, position_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.max_tokens < 1:
+            problems.append(f"`max_tokens` must be >= 1, got {self.max_tokens}.")
+        if not 0 <= self.temperature <= 2:
+            problems.append(f"`temperature` must be in [0, 2], got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"`top_p` must be in (0, 1], got {self.top_p}.")
+        if any(not s for s in self.stop):
+            problems.append("`stop` strings must be non-empty.")
+        if problems:
+            raise ValueError(" ".join(problems))
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Token ids of a prompt (with BOS, as :meth:`Engine.encode` makes them) and how to decode it.
+
+    ``expert_weights`` (mixture order) fix the gates; None lets the router decide.
+    """
+
+    prompt_ids: Sequence[int]
+    params: SamplingParams = SamplingParams()
+    expert_weights: Sequence[float] | None = None
+
+
+@dataclass
+class Delta:
+    """New output of one request in one step."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" (eos or a stop string) | "length", on the last Delta
+    route: list[float] | None = None  # expert weights used, on the first Delta (None for a plain LM)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    route: list[float] | None
+    prompt_tokens: int
+
+
+@dataclass
+class _Row:
+    """Detokenisation and stop rules of one request; text matching a stop prefix is held back."""
+
+    request: GenerationRequest
+    tokenizer: object
+    route: list[float] | None
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""
+    started: bool = False
+    done: bool = False
+
+    def push(self, token: int) -> Delta | None:
+        if self.done:
+            return None
+        p, finish = self.request.params, None
+        if token == self.tokenizer.eos_token_id:
+            finish, text = "stop", self._text()
+        else:
+            self.ids.append(token)
+            text = self._text()
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                finish, text = "stop", text[:cut]
+            elif len(self.ids) >= p.max_tokens:
+                finish = "length"
+        if finish is None:
+            hold = max((len(s) for s in p.stop), default=1) - 1
+            text = text[: len(text) - hold] if hold else text
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                text = self.sent
+        delta = Delta(text[len(self.sent) :], [] if token == self.tokenizer.eos_token_id else [token], finish)
+        if not self.started:
+            delta.route, self.started = self.route, True
+        self.sent, self.done = text, finish is not None
+        return delta
+
+    def _text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class Engine:
+    """Decodes batches of :class:`GenerationRequest` on a mixture or a plain causal LM.
+
+    Args:
+        model: a :class:`MixtureModel`, or a transformers causal LM (e.g. ``merged_base``).
+        tokenizer: the tokenizer the model was trained with.
+        context_length: longest prompt + completion (default: the config's ``max_position_embeddings``).
+    """
+
+    def __init__(self, model, tokenizer, *, context_length: int | None = None):
+        self.mixture = model if isinstance(model, MixtureModel) else None
+        self.lm = model.base_model if self.mixture else model
+        self.lm.eval()
+        # Newer transformers name the KV cache `cache`; older ones `past_key_values`.
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        self.tokenizer = tokenizer
+        self.context_length = context_length or getattr(self.lm.config, "max_position_embeddings", None)
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, *, expert: str | None = None, device: str = "auto") -> Engine:
+        """Load ``path`` (a saved mixture with ``tokenizer/``); ``expert`` merges that one expert
+        into the base and serves the plain model (zero adapter overhead)."""
+        from transformers import AutoTokenizer
+
+        mm = MixtureModel.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer")
+        model = mm
+        if expert is not None:
+            if expert not in mm.expert_names:
+                raise ValueError(f"unknown expert {expert!r}; the artifact holds {mm.expert_names}.")
+            model = mm.merged_base([float(n == expert) for n in mm.expert_names])
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(model.to(device), tokenizer)
+
+    @property
+    def expert_names(self) -> list[str]:
+        return list(self.mixture.expert_names) if self.mixture else []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text to ids exactly as training saw prompts: BOS + tokens, no EOS."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError for a request this engine cannot decode."""
+        n, p = len(request.prompt_ids), request.params
+        if n == 0:
+            raise ValueError("the prompt is empty; send at least one token.")
+        if self.context_length and n + p.max_tokens > self.context_length:
+            raise ValueError(
+                f"the prompt has {n} tokens and `max_tokens` is {p.max_tokens}: together more than the "
+                f"context length {self.context_length}. Shorten the prompt or lower max_tokens."
+            )
+        if request.expert_weights is not None:
+            if self.mixture is None:
+                raise ValueError("this model serves one merged expert; it takes no `expert_weights`.")
+            self.mixture.check_expert_weights(list(request.expert_weights), 1)
+        elif self.mixture is not None and self.mixture.router is None:
+            raise ValueError("this mixture has no router: every request needs `expert_weights`.")
+
+    @torch.inference_mode()
+    def route(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """The router's expert weights per prompt (block/token routers: the mean over the route)."""
+        if self.mixture is None:
+            raise ValueError("a merged expert has no router.")
+        batch = self._pad(prompts)
+        return self.mixture.route(batch["input_ids"], batch["attention_mask"]).tolist()
+
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Delta | None]]:
+        """Decode ``requests`` together; yields one list (aligned with ``requests``) per step."""
+        for r in requests:
+            self.check(r)
+        for rows, weights, routes in self._groups(requests):
+            for step in self._decode([requests[i] for i in rows], weights, routes):
+                out: list[Delta | None] = [None] * len(requests)
+                for i, delta in zip(rows, step):
+                    out[i] = delta
+                yield out
+
+    def complete(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """:meth:`stream`, collected."""
+        parts: list[list[Delta]] = [[] for _ in requests]
+        for step in self.stream(requests):
+            for i, delta in enumerate(step):
+                if delta is not None:
+                    parts[i].append(delta)
+        return [
+            Completion(
+                "".join(d.text for d in ds),
+                [t for d in ds for t in d.token_ids],
+                ds[-1].finish_reason,
+                ds[0].route,
+                len(r.prompt_ids),
+            )
+            for r, ds in zip(requests, parts)
+        ]
+
+    # ------------------------------------------------------------------------------------ internals
+    def _pad(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        batch = pad_left(prompts, prompts, self.tokenizer.pad_token_id)
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def _groups(self, requests):
+        """Rows that can decode in one batch: ``(row indices, weights [b, E] or None, routes)``.
+
+        Sequence routers are fixed per prompt, so routed rows join explicit-weight rows as weights.
+        Block and token routers decide inside the forward; their routed rows decode as their own batch.
+        """
+        every = list(range(len(requests)))
+        if self.mixture is None:
+            yield every, None, [None] * len(requests)
+            return
+        explicit = [i for i in every if requests[i].expert_weights is not None]
+        routed = [i for i in every if requests[i].expert_weights is None]
+        weights = {i: list(map(float, requests[i].expert_weights)) for i in explicit}
+        if routed:
+            for i, w in zip(routed, self.route([requests[i].prompt_ids for i in routed])):
+                weights[i] = w
+        if not routed or self.mixture.router.granularity == "sequence":
+            yield every, torch.tensor([weights[i] for i in every]), [weights[i] for i in every]
+            return
+        if explicit:
+            yield explicit, torch.tensor([weights[i] for i in explicit]), [weights[i] for i in explicit]
+        yield routed, None, [weights[i] for i in routed]
+
+    @torch.inference_mode()
+    def _decode(self, requests, weights, routes) -> Iterator[list[Delta | None]]:
+        batch = self._pad([r.prompt_ids for r in requests])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = [_Row(r, self.tokenizer, route) for r, route in zip(requests, routes)]
+        gens = [_generator(r.params.seed) for r in requests]
+        routing = nullcontext() if self.mixture is None else self.mixture.decoding(ids, mask, weights)
+        with routing:
+            out = self.lm(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
+            )
+            for _ in range(max(r.params.max_tokens for r in requests)):
+                tokens = _sample(out.logits[:, -1].float(), requests, gens)  # [batch]
+                yield [row.push(t) for row, t in zip(rows, tokens.tolist())]
+                if all(row.done for row in rows):
+                    return
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                out = self.lm(
+                    input_ids=tokens[:, None],
+                    attention_mask=mask,
+                    position_ids=position_ids(mask)[:, -1:],
+                    use_cache=True,
+                    **{self._cache_kw: getattr(out, self._cache_kw)},
+                )
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _sample(logits: torch.Tensor, requests, gens) -> torch.Tensor:
+    """Greedy rows take the argmax; sampled rows draw from temperature + nucleus (top-p) on CPU
+    with their own generator, so a seeded request gives the same tokens in any batch."""
+    tokens = logits.argmax(-1)
+    for i, r in enumerate(requests):
+        p = r.params
+        if p.temperature == 0:
+            continue
+        probs = torch.softmax(logits[i].cpu() / p.temperature, -1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(0, order[drop], 0.0)
+        tokens[i] = torch.multinomial(probs, 1, generator=gens[i]).item()
+    return tokens

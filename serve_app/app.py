@@ -1,0 +1,117 @@
+"""Build the Serve application from an artifact, and the Serve config YAML that deploys it.
+
+    serve run serve_app.app:build_app artifact=out/quickstart/artifact
+    loramix serve-config out/quickstart/artifact > serve.yaml && serve deploy serve.yaml
+
+``build_app`` is a Serve application builder: ``args`` are ``artifact`` (required) and
+``serve`` (a ``ServeConfig`` dict; default: the artifact's ``serve.json`` written by
+``loramix run``, else the defaults).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from loramix.artifact import read_json
+from loramix.checkpoint import read_manifest
+from loramix.config import ConfigError, format_errors
+from loramix.names import safe_key
+from loramix.serve_config import SERVE_JSON, DeploymentConfig, ServeConfig
+
+
+def load_serve_config(artifact: str | Path, overrides: dict | None = None) -> ServeConfig:
+    """The artifact's saved serve settings (or defaults) updated with ``overrides`` (nested dict)."""
+    saved = Path(artifact) / SERVE_JSON
+    data = read_json(saved) if saved.is_file() else {}
+    merged = _deep_update(data, overrides or {})
+    try:
+        return ServeConfig(**merged)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, f"serve settings of {str(artifact)!r}")) from None
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for key, value in new.items():
+        out[key] = _deep_update(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def deployment_options(d: DeploymentConfig) -> dict:
+    """One ``DeploymentConfig`` as Serve ``.options(...)``: what the autoscaler sees."""
+    opts = {
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        "max_ongoing_requests": d.max_ongoing_requests,
+    }
+    if d.autoscaling is None:
+        opts["num_replicas"] = d.num_replicas
+    else:
+        opts["autoscaling_config"] = {
+            "min_replicas": d.autoscaling.min_replicas,
+            "initial_replicas": max(1, d.autoscaling.min_replicas),
+            "max_replicas": d.autoscaling.max_replicas,
+            "target_ongoing_requests": d.autoscaling.target_ongoing_requests,
+        }
+    return opts
+
+
+def expert_deployment_name(expert: str) -> str:
+    return f"expert-{safe_key(expert)}"
+
+
+def deployments(artifact: str, cfg: ServeConfig) -> dict[str, dict]:
+    """Deployment name -> Serve options, for the chosen topology."""
+    names = {"ingress": cfg.ingress, "fused": cfg.fused}
+    if cfg.topology == "routed":
+        names["router"] = cfg.router
+        for expert in read_manifest(artifact)["expert_names"]:
+            names[expert_deployment_name(expert)] = cfg.experts
+    return {name: deployment_options(d) for name, d in names.items()}
+
+
+def build_app(args: dict):
+    """Serve application builder (``import_path: serve_app.app:build_app``)."""
+    from serve_app.deployments import ModelDeployment, RouterDeployment
+    from serve_app.ingress import IngressDeployment
+
+    if "artifact" not in args:
+        raise ConfigError("build_app needs `artifact`: the mixture folder `loramix run` wrote (OUTPUT/artifact).")
+    artifact = str(Path(args["artifact"]).resolve())
+    manifest = read_manifest(artifact)
+    cfg = load_serve_config(artifact, args.get("serve"))
+    if cfg.topology == "routed" and manifest.get("router") is None:
+        raise ConfigError(f"{artifact!r} has no router, so `serve.topology: routed` cannot dispatch; use `fused`.")
+    opts = deployments(artifact, cfg)
+    batching = (cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    fused = ModelDeployment.options(name="fused", **opts["fused"]).bind(artifact, None, *batching)
+    router, experts = None, {}
+    if cfg.topology == "routed":
+        router = RouterDeployment.options(name="router", **opts["router"]).bind(artifact, *batching)
+        for expert in manifest["expert_names"]:
+            name = expert_deployment_name(expert)
+            experts[expert] = ModelDeployment.options(name=name, **opts[name]).bind(artifact, expert, *batching)
+    return IngressDeployment.options(name="ingress", **opts["ingress"]).bind(
+        artifact, cfg.model_dump(), fused, router, experts
+    )
+
+
+def serve_config(artifact: str | Path, cfg: ServeConfig, *, app_name: str = "loramix") -> dict:
+    """A Serve config (``serve run`` / ``serve deploy``) for ``artifact``; the API key is left
+    out on purpose: set ``LORAMIX_API_KEY`` in the cluster's environment instead."""
+    artifact = str(Path(artifact).resolve())
+    settings = cfg.model_dump(exclude={"api_key"})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [
+            {
+                "name": app_name,
+                "route_prefix": "/",
+                "import_path": "serve_app.app:build_app",
+                "args": {"artifact": artifact, "serve": settings},
+                "deployments": [{"name": name, **opts} for name, opts in deployments(artifact, cfg).items()],
+            }
+        ],
+    }

@@ -1,0 +1,214 @@
+"""The HTTP front: OpenAI-compatible API, auth, validation, dispatch, metrics. Holds no model.
+
+Everything a client can get wrong is rejected here, before any model replica sees it: a bad
+request costs a tokenizer call at most, and replicas only ever receive valid token ids.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /healthz`` (never needs the key).
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+from ray import serve
+from ray.serve import metrics
+
+from loramix.checkpoint import read_manifest
+from loramix.serve_config import ServeConfig
+from serve_app.dispatch import Dispatcher, Plan
+from serve_app.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="loramix", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError):
+    return exc.response()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# Defined before the deployment: `serve.ingress` serialises the routes when the class is created.
+def _none_safe(chunk):
+    """The usage-only closing chunk reuses the envelope of a normal chunk."""
+    return lambda delta: chunk(delta or {"text": "", "finish_reason": None})
+
+
+def _usage(plan: Plan, result: dict) -> dict:
+    n, m = len(plan.prompt_ids), result["completion_tokens"]
+    return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+
+def _total_usage(plans: list[Plan], results: list[dict]) -> dict:
+    parts = [_usage(p, r) for p, r in zip(plans, results)]
+    return {k: sum(u[k] for u in parts) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+@serve.deployment
+@serve.ingress(app)
+class IngressDeployment:
+    """Validates and dispatches requests to the model deployments.
+
+    Args:
+        artifact: the mixture folder (read for expert names, tokenizer and context length).
+        serve_config: a :class:`ServeConfig` as a dict.
+        fused, router, experts: handles of the fused deployment, the router deployment and
+            each expert's deployment (the last two only in the routed topology).
+    """
+
+    def __init__(self, artifact: str, serve_config: dict, fused, router=None, experts: dict | None = None):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from loramix.checkpoint import resolve_base
+
+        self.cfg = ServeConfig(**serve_config)
+        manifest = read_manifest(artifact)
+        self.tokenizer = AutoTokenizer.from_pretrained(Path(artifact) / "tokenizer")
+        base_config = AutoConfig.from_pretrained(resolve_base(manifest["base_model"], Path(artifact)))
+        self.dispatcher = Dispatcher(
+            self.cfg, manifest["expert_names"], self.tokenizer, base_config.max_position_embeddings,
+            fused, router, experts or {},
+        )  # fmt: skip
+        self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY") or None
+        tags = ("model", "expert", "target")
+        self.m_requests = metrics.Counter("loramix_requests", "Completed requests.", tag_keys=tags)
+        self.m_tokens = metrics.Counter("loramix_completion_tokens", "Generated tokens.", tag_keys=tags)
+        self.m_prompt = metrics.Counter("loramix_prompt_tokens", "Prompt tokens.", tag_keys=tags)
+        self.m_latency = metrics.Histogram(
+            "loramix_latency_s", "Request latency (s).", boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+            tag_keys=tags,
+        )  # fmt: skip
+
+    # -------------------------------------------------------------------------------- plumbing
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+
+    async def _body(self, request: Request, schema):
+        self._auth(request)
+        limit = self.cfg.max_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes (`serve.max_body_bytes`).")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes (`serve.max_body_bytes`).")
+        try:
+            data = json.loads(raw)
+        except ValueError as err:
+            raise APIError(400, f"the request body is not valid JSON: {err}.", code="invalid_json") from None
+        return parse(schema, data)
+
+    def _observe(self, plan: Plan, result: dict, start: float) -> None:
+        tags = {"model": plan.model, "expert": plan.top_expert(result["route"]), "target": result["deployment"]}
+        self.m_requests.inc(1, tags)
+        self.m_prompt.inc(len(plan.prompt_ids), tags)
+        self.m_tokens.inc(result["completion_tokens"], tags)
+        self.m_latency.observe(time.perf_counter() - start, tags)
+
+    async def _run(self, plan: Plan) -> dict:
+        start = time.perf_counter()
+        result = await self.dispatcher.collect(plan)
+        self._observe(plan, result, start)
+        return result
+
+    async def _stream(self, plan: Plan, chunk, include_usage: bool):
+        start, result = time.perf_counter(), None
+        async for delta in self.dispatcher.deltas(plan):
+            result = self.dispatcher.accumulate(result, delta)
+            yield _sse(chunk(delta))
+        self._observe(plan, result, start)
+        if include_usage:
+            yield _sse(chunk(None) | {"choices": [], "usage": _usage(plan, result)})
+        yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------------------------------ routes
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        ids = [self.cfg.model_name] + [f"{self.cfg.model_name}:{n}" for n in self.dispatcher.expert_names]
+        return {
+            "object": "list",
+            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loramix"} for i in ids],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        body = await self._body(request, CompletionRequest)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise APIError(400, "`prompt` is an empty list; send at least one prompt.", param="prompt")
+        plans = self.dispatcher.plan(body, [self.dispatcher.encode(p) for p in prompts], "prompt")
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta):
+            choice = {"index": 0, "text": delta["text"], "finish_reason": delta["finish_reason"], "logprobs": None}
+            if delta.get("route"):
+                choice["route"] = delta["route"]
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+            }
+
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(plans[0], _none_safe(chunk), include), media_type="text/event-stream")
+        results = await asyncio.gather(*[self._run(p) for p in plans])  # they batch together in the replicas
+        choices = [
+            {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None, "route": r["route"]}
+            for i, r in enumerate(results)
+        ]
+        usage = _total_usage(plans, results)
+        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": choices, "usage": usage}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body = await self._body(request, ChatCompletionRequest)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        plans = self.dispatcher.plan(body, [self.dispatcher.chat_prompt(body.messages)], "messages")
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        first = {"sent": False}
+
+        def chunk(delta):
+            message = {"content": delta["text"]}
+            if not first["sent"]:
+                message["role"], first["sent"] = "assistant", True
+            choice = {"index": 0, "delta": message, "finish_reason": delta["finish_reason"], "logprobs": None}
+            if delta.get("route"):
+                choice["route"] = delta["route"]
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [choice]}  # fmt: skip
+
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(plans[0], _none_safe(chunk), include), media_type="text/event-stream")
+        r = await self._run(plans[0])
+        choice = {"index": 0, "message": {"role": "assistant", "content": r["text"]},
+                  "finish_reason": r["finish_reason"], "logprobs": None, "route": r["route"]}  # fmt: skip
+        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [choice], "usage": _usage(plans[0], r)}  # fmt: skip

@@ -1,0 +1,245 @@
+"""The Serve app over real HTTP on a real local Ray: the official `openai` client, both
+topologies, every bad input, the API key, and a bounded load test."""
+
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import torch
+from tiny import demo_artifact
+
+from loramix.serving import Engine
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+EXPERTS = ["reverse", "sort", "shift"]
+PROMPTS = {"reverse": "reverse hello=", "sort": "sort banana=", "shift": "shift xyz="}
+# 2 CPUs in tests: replicas reserve none so every deployment fits.
+LIGHT = [f"{d}.num_cpus=0" for d in ("ingress", "fused", "router", "experts")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from pipelines.serve import deploy, settings
+
+    art = str(demo_artifact(tmp_path_factory.mktemp("serve") / "artifact"))
+    port = free_port()
+    url = deploy(art, settings(art, LIGHT + ["max_tokens_limit=64"], port=port, topology="fused"))
+    yield {"artifact": art, "url": url, "port": port, "engine": Engine.from_artifact(art)}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    return openai.OpenAI(base_url=world["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+def reference(engine: Engine, text: str, max_tokens: int, weights=None) -> str:
+    """What MixtureModel.generate answers for ``text`` (greedy), as text."""
+    ids = torch.tensor([engine.encode(text)])
+    w = None if weights is None else torch.tensor([weights])
+    eos = engine.tokenizer.eos_token_id
+    out = engine.mixture.generate(ids, max_new_tokens=max_tokens, expert_weights=w, pad_token_id=0, eos_token_id=eos)
+    return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def onehot(name):
+    return [float(n == name) for n in EXPERTS]
+
+
+def handle_stats(name: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(name, "loramix").stats.remote().result()
+
+
+# --------------------------------------------------------------------------------------- fused
+def test_completions_match_generate(world, client):
+    prompts = list(PROMPTS.values())
+    r = client.completions.create(model="loramix", prompt=prompts, max_tokens=10, temperature=0)
+    assert [c.text for c in r.choices] == [reference(world["engine"], p, 10) for p in prompts]
+    assert len({c.text for c in r.choices}) == 3, "sanity: different domains answer differently"
+    for c, name in zip(r.choices, PROMPTS):  # the trained router sends each prompt to its domain
+        assert (
+            c.route["deployment"] == "fused" and max(c.route["expert_weights"].items(), key=lambda kv: kv[1])[0] == name
+        )
+    n_prompt = sum(len(world["engine"].encode(p)) for p in prompts)
+    assert r.usage.prompt_tokens == n_prompt and r.usage.total_tokens == n_prompt + r.usage.completion_tokens
+
+
+def test_chat_models_and_streaming(world, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == ["loramix"] + [f"loramix:{n}" for n in EXPERTS]
+    text = PROMPTS["sort"]
+    chat = client.chat.completions.create(
+        model="loramix", messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0
+    )
+    assert chat.choices[0].message.content == reference(world["engine"], text, 8)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    chunks = list(
+        client.completions.create(
+            model="loramix", prompt=text, max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len(texts) > 1 and "".join(texts) == reference(world["engine"], text, 8)
+    assert chunks[0].choices[0].route["expert_weights"] is not None
+    assert chunks[-1].usage.prompt_tokens == len(world["engine"].encode(text))
+    streamed = client.chat.completions.create(
+        model="loramix", messages=[{"role": "user", "content": text}], max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+
+
+def test_pinned_experts_and_explicit_weights(world, client):
+    text, engine = PROMPTS["reverse"], world["engine"]
+    answers = {}
+    for name in EXPERTS:
+        r = client.completions.create(model=f"loramix:{name}", prompt=text, max_tokens=8, temperature=0)
+        answers[name] = r.choices[0].text
+        assert answers[name] == reference(engine, text, 8, onehot(name))
+        assert r.choices[0].route["pinned"] == name
+    assert len(set(answers.values())) > 1
+    r = client.completions.create(
+        model="loramix", prompt=text, max_tokens=8, temperature=0, extra_body={"expert": "sort"}
+    )
+    assert r.choices[0].text == answers["sort"]
+    r = client.completions.create(
+        model="loramix",
+        prompt=text,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"expert_weights": {"sort": 1, "shift": 3}},
+    )
+    assert r.choices[0].text == reference(engine, text, 8, [0.0, 0.25, 0.75])
+    assert r.choices[0].route["expert_weights"] == {"reverse": 0.0, "sort": 0.25, "shift": 0.75}
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "loramix"}, 400, "prompt"),
+    ({"model": "loramix", "prompt": 7}, 400, "prompt"),
+    ({"model": "loramix", "prompt": "a", "max_tokens": "8"}, 400, "max_tokens"),
+    ({"model": "loramix", "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "loramix", "prompt": "a", "max_tokens": 65}, 400, "max_tokens"),
+    ({"model": "loramix", "prompt": "a" * 100, "max_tokens": 64}, 400, "prompt"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
+    ({"model": "loramix", "prompt": "a", "expert": "nope"}, 400, "expert"),
+    ({"model": "loramix", "prompt": "a", "expert_weights": {"sort": -1}}, 400, "expert_weights"),
+    ({"model": "loramix", "prompt": "a", "expert_weights": {"sort": 0}}, 400, "expert_weights"),
+    ({"model": "loramix", "prompt": "a", "expert_weights": {"nope": 1}}, 400, "expert_weights"),
+    ({"model": "loramix", "prompt": "a", "temperature": -0.5}, 400, "temperature"),
+    ({"model": "loramix", "prompt": "a" * 2_000_000}, 413, None),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD, ids=range(len(BAD)))
+def test_bad_input_gets_a_clear_error(world, body, status, param):
+    url = world["url"] + "/v1/completions"
+    r = requests.post(url, data=body) if isinstance(body, bytes) else requests.post(url, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_chat_bad_input_and_server_survives(world, client):
+    url = world["url"] + "/v1/chat/completions"
+    r = requests.post(url, json={"model": "loramix", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = requests.post(url, json={"model": "loramix", "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
+    pid = handle_stats("fused")["pid"]
+    ok = client.completions.create(model="loramix", prompt=PROMPTS["shift"], max_tokens=4, temperature=0)
+    assert ok.choices[0].text == reference(world["engine"], PROMPTS["shift"], 4)
+    assert handle_stats("fused")["pid"] == pid, "no replica restarted"
+    assert requests.get(world["url"] + "/healthz").json() == {"status": "ok"}
+
+
+def test_load_many_concurrent_clients(world):
+    """200 requests, 16 at a time, over every expert and the router: zero errors."""
+    models = ["loramix"] + [f"loramix:{n}" for n in EXPERTS]
+    jobs = [(models[i % 4], list(PROMPTS.values())[i % 3]) for i in range(200)]
+    client = openai.OpenAI(base_url=world["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def call(job):
+        start = time.perf_counter()
+        r = client.completions.create(model=job[0], prompt=job[1], max_tokens=8, temperature=0)
+        return time.perf_counter() - start, r.choices[0].finish_reason
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, jobs))
+    wall = time.perf_counter() - start
+    latencies = sorted(t for t, _ in results)
+    assert len(results) == 200 and all(reason in ("stop", "length") for _, reason in results)
+    p50, p99 = statistics.median(latencies), latencies[int(0.99 * len(latencies)) - 1]
+    print(f"\nload: 200 requests, 16 clients: {200 / wall:.1f} req/s, p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
+
+
+# -------------------------------------------------------------------------------------- routed
+@pytest.fixture(scope="module")
+def routed(world, ray_local):
+    """The routed topology with an API key, deployed by the real `loramix serve` command."""
+    import ray
+
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", world["artifact"], "--topology", "routed",
+           "--port", str(world["port"]), "--api-key", "sekret", "--detach",
+           "--address", ray.get_runtime_context().gcs_address, "route_threshold=0.6", *LIGHT]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at {world['url']}/v1" in done.stdout
+    return openai.OpenAI(base_url=world["url"] + "/v1", api_key="sekret", max_retries=0)
+
+
+def test_api_key_required(world, routed):
+    before = handle_stats("fused")["requests"]
+    body = {"model": "loramix", "prompt": "sort ab=", "max_tokens": 4}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+        r = requests.post(world["url"] + "/v1/completions", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(world["url"] + "/v1/models").status_code == 401
+    assert requests.get(world["url"] + "/healthz").status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=world["url"] + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert handle_stats("fused")["requests"] == before, "rejected requests did no work"
+    assert len(routed.models.list().data) == 4
+
+
+def test_routed_dispatch_goes_to_the_expert_deployment(world, routed):
+    engine = world["engine"]
+    for name, text in PROMPTS.items():
+        route = engine.route([engine.encode(text)])[0]
+        assert EXPERTS[max(range(3), key=route.__getitem__)] == name and max(route) >= 0.6
+        before = handle_stats(f"expert-{name}")["requests"]
+        r = routed.completions.create(model="loramix", prompt=text, max_tokens=8, temperature=0)
+        assert r.choices[0].route["deployment"] == f"expert:{name}"
+        assert handle_stats(f"expert-{name}")["requests"] == before + 1
+        # the merged expert answers as the mixture does with that expert alone
+        assert r.choices[0].text == reference(engine, text, 8, onehot(name))
+    pinned = routed.completions.create(model="loramix:shift", prompt=PROMPTS["reverse"], max_tokens=8, temperature=0)
+    assert pinned.choices[0].route["deployment"] == "expert:shift"
+    assert pinned.choices[0].text == reference(engine, PROMPTS["reverse"], 8, onehot("shift"))
+    mixed = routed.completions.create(
+        model="loramix", prompt=PROMPTS["reverse"], max_tokens=8, temperature=0,
+        extra_body={"expert_weights": {"reverse": 1, "sort": 1}},
+    )  # fmt: skip
+    assert mixed.choices[0].route["deployment"] == "fused"
+    assert mixed.choices[0].text == reference(engine, PROMPTS["reverse"], 8, [0.5, 0.5, 0.0])

@@ -1,0 +1,143 @@
+"""The serving engine: batched decoding equals MixtureModel.generate, per-request sampling,
+stop strings, lengths, routes, and merged single-expert models."""
+
+import pytest
+import torch
+from tiny import demo_artifact
+
+from loramix.serving import Engine, GenerationRequest, SamplingParams
+
+PROMPTS = ["reverse hello=", "sort banana=", "shift xyz=", "reverse ab="]
+
+
+@pytest.fixture(scope="module", params=["moa", "mole", "modula"])
+def engine(request, tmp_path_factory) -> Engine:
+    path = demo_artifact(tmp_path_factory.mktemp(request.param) / "artifact", recipe=request.param, top_k=2)
+    return Engine.from_artifact(path)
+
+
+@pytest.fixture(scope="module")
+def moa(tmp_path_factory):
+    path = demo_artifact(tmp_path_factory.mktemp("moa1") / "artifact", recipe="moa", top_k=1)
+    return path, Engine.from_artifact(path)
+
+
+def reference(engine: Engine, text: str, max_tokens: int, weights=None) -> list[int]:
+    """MixtureModel.generate on one unpadded prompt, cut at EOS."""
+    ids = torch.tensor([engine.encode(text)])
+    w = None if weights is None else torch.tensor([weights])
+    out = engine.mixture.generate(
+        ids, max_new_tokens=max_tokens, expert_weights=w, pad_token_id=0, eos_token_id=engine.tokenizer.eos_token_id
+    )[0, ids.shape[1] :].tolist()
+    eos = engine.tokenizer.eos_token_id
+    return out[: out.index(eos)] if eos in out else out
+
+
+def greedy(engine, text, max_tokens=10, weights=None):
+    return GenerationRequest(engine.encode(text), SamplingParams(max_tokens=max_tokens), weights)
+
+
+def test_batched_greedy_equals_generate_per_prompt(engine):
+    got = engine.complete([greedy(engine, t) for t in PROMPTS])
+    for text, completion in zip(PROMPTS, got):
+        assert completion.token_ids == reference(engine, text, 10)
+        assert completion.text == engine.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+        assert completion.prompt_tokens == len(engine.encode(text))
+        assert completion.route is not None and sum(completion.route) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mixed_batch_of_routed_and_weighted_requests(engine):
+    n = len(engine.expert_names)
+    onehots = [[float(i == j) for j in range(n)] for i in range(n)]
+    requests = [greedy(engine, PROMPTS[0])] + [greedy(engine, PROMPTS[1], weights=w) for w in onehots]
+    got = engine.complete(requests)
+    assert got[0].token_ids == reference(engine, PROMPTS[0], 10)
+    per_expert = [c.token_ids for c in got[1:]]
+    for w, tokens in zip(onehots, per_expert):
+        assert tokens == reference(engine, PROMPTS[1], 10, w)
+    assert len({tuple(t) for t in per_expert}) > 1, "sanity: experts must answer differently"
+    assert [c.route for c in got[1:]] == onehots
+
+
+def test_merged_expert_equals_pinned_mixture(moa):
+    path, mixture = moa
+    name = mixture.expert_names[1]
+    merged = Engine.from_artifact(path, expert=name)
+    assert merged.mixture is None and merged.expert_names == []
+    w = [float(n == name) for n in mixture.expert_names]
+    want = mixture.complete([greedy(mixture, t, weights=w) for t in PROMPTS])
+    got = merged.complete([greedy(merged, t) for t in PROMPTS])
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert got[0].route is None
+
+
+def test_seeded_sampling_is_repeatable_in_any_batch(moa):
+    _, e = moa
+    hot = SamplingParams(max_tokens=12, temperature=1.5, seed=7)
+    alone = e.complete([GenerationRequest(e.encode(PROMPTS[0]), hot)])[0]
+    crowd = e.complete([greedy(e, PROMPTS[1]), GenerationRequest(e.encode(PROMPTS[0]), hot), greedy(e, PROMPTS[2])])
+    assert crowd[1].token_ids == alone.token_ids
+    other = e.complete([GenerationRequest(e.encode(PROMPTS[0]), SamplingParams(12, 1.5, seed=8))])[0]
+    assert other.token_ids != alone.token_ids
+    assert crowd[0].token_ids == reference(e, PROMPTS[1], 10)  # greedy rows unaffected by sampled ones
+
+
+def test_tiny_top_p_is_greedy(moa):
+    _, e = moa
+    got = e.complete([GenerationRequest(e.encode(PROMPTS[0]), SamplingParams(10, temperature=1.0, top_p=1e-6))])
+    assert got[0].token_ids == reference(e, PROMPTS[0], 10)
+
+
+def test_stop_string_truncates_and_is_never_streamed(moa):
+    _, e = moa
+    full = e.complete([greedy(e, PROMPTS[1], 12)])[0]
+    assert len(full.text) >= 4
+    stop = full.text[2:4]
+    request = GenerationRequest(e.encode(PROMPTS[1]), SamplingParams(max_tokens=12, stop=(stop,)))
+    deltas = [step[0] for step in e.stream([request]) if step[0] is not None]
+    streamed = "".join(d.text for d in deltas)
+    assert streamed == full.text[: full.text.index(stop)]
+    assert deltas[-1].finish_reason == "stop" and all(d.finish_reason is None for d in deltas[:-1])
+    assert deltas[0].route is not None and all(d.route is None for d in deltas[1:])
+
+
+def test_length_limit_and_per_request_lengths(moa):
+    _, e = moa
+    got = e.complete([greedy(e, PROMPTS[0], 3), greedy(e, PROMPTS[1], 7)])
+    for c, text, n in zip(got, PROMPTS, (3, 7)):
+        assert c.token_ids == reference(e, text, n)
+        assert c.finish_reason == ("length" if len(c.token_ids) == n else "stop")
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda e: GenerationRequest([], SamplingParams()), "prompt is empty"),
+        (lambda e: GenerationRequest([1] * 200, SamplingParams(max_tokens=8)), "context length 128"),
+        (lambda e: GenerationRequest([1, 5], SamplingParams(), [1.0]), "expert_weights"),
+    ],
+)
+def test_bad_requests_name_the_problem(moa, make, match):
+    _, e = moa
+    with pytest.raises(ValueError, match=match):
+        e.complete([make(e)])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_sampling_params_validate(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_expert_for_merged_engine(moa):
+    path, _ = moa
+    with pytest.raises(ValueError, match="unknown expert 'nope'"):
+        Engine.from_artifact(path, expert="nope")
