@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loramix.names import check_expert_name
 from loramix.serve_config import ServeConfig
+from loramix.tune_config import TuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class LoramixConfig(_Section):
     """Distributed training behaviour."""
     resources: ResourcesConfig = ResourcesConfig()
     """Ray resources."""
+    tune: TuneConfig = TuneConfig()
+    """Hyperparameter search (`loramix tune`)."""
     serve: ServeConfig = ServeConfig()
     """Serving (`loramix serve`); copied into the artifact so the endpoint deploys as trained."""
 
@@ -241,16 +244,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return a copy of ``data`` with dotted-path overrides applied (``expert.rank=16``)."""
+    return _apply(data, [(*parse_override(text), f"override `{text}`") for text in overrides])
+
+
+def apply_values(data: dict, values: dict[str, Any]) -> dict:
+    """Return a copy of ``data`` with ``{"expert.rank": 8, ...}`` set (a Tune trial's parameters)."""
+    plain = {path: v.item() if hasattr(v, "item") else v for path, v in values.items()}  # numpy scalars from samplers
+    return _apply(data, [(path.split("."), value, f"`{path}`") for path, value in plain.items()])
+
+
+def _apply(data: dict, changes) -> dict:
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
-    for text in overrides:
-        path, value = parse_override(text)
+    for path, value, what in changes:
         node = data
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
                 continue
             if not isinstance(node, dict):
-                raise ConfigError(f"override `{text}`: `{'.'.join(path[: i + 1])}` is not a section.")
+                raise ConfigError(f"{what}: `{'.'.join(path[: i + 1])}` is not a section.")
             node = node.setdefault(part, {})
         last = path[-1]
         if isinstance(node, list) and last.isdigit() and int(last) < len(node):
@@ -258,7 +270,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         elif isinstance(node, dict):
             node[last] = value
         else:
-            raise ConfigError(f"override `{text}`: `{'.'.join(path[:-1])}` is not a section.")
+            raise ConfigError(f"{what}: `{'.'.join(path[:-1])}` is not a section.")
     return data
 
 

@@ -107,16 +107,8 @@ def domain_examples(
     return out
 
 
-def train_router_stage(
-    cfg: LoramixConfig,
-    base_info: dict,
-    adapters: dict[str, str],
-    out_dir: str | Path,
-    report=_quiet,
-    universal: str | None = None,
-) -> dict:
-    """Freeze base + experts, train the recipe's router, save the mixture artifact to ``out_dir``."""
-    tokenizer = load_tokenizer(base_info)
+def router_setup(cfg: LoramixConfig, base_info: dict, adapters: dict[str, str], tokenizer, universal=None):
+    """The mixture over frozen ``adapters`` with a fresh router, and its training batches."""
     train = domain_examples(cfg, tokenizer, "train")
     mm = MixtureModel.from_adapters(
         load_base(cfg, base_info),
@@ -129,6 +121,20 @@ def train_router_stage(
     )
     mixed = [e for name in mm.expert_names for e in train[name]]
     it = data.batches(mixed, cfg.router.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=cfg.router.steps)
+    return mm, it
+
+
+def train_router_stage(
+    cfg: LoramixConfig,
+    base_info: dict,
+    adapters: dict[str, str],
+    out_dir: str | Path,
+    report=_quiet,
+    universal: str | None = None,
+) -> dict:
+    """Freeze base + experts, train the recipe's router, save the mixture artifact to ``out_dir``."""
+    tokenizer = load_tokenizer(base_info)
+    mm, it = router_setup(cfg, base_info, adapters, tokenizer, universal)
     summary = loops.train_router(cfg.router, mm, it, report=report, recipe=cfg.recipe, log_every=cfg.train.log_every)
     base_path = base_info["base"]
     mm.save_pretrained(out_dir, base_path=str(Path(base_path).resolve()) if Path(base_path).is_dir() else base_path)

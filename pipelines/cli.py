@@ -1,6 +1,7 @@
 """The ``loramix`` command line.
 
 loramix run CONFIG [--output DIR] [--address ADDR] [key.path=value ...]   the pipeline on Ray
+loramix tune CONFIG [--output DIR] [--address ADDR] [key.path=value ...]  search rank/top-k/... with Tune
 loramix add-domain OUTPUT --name NAME --train PATH [--eval PATH] [--address ADDR]
 loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
 loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
@@ -46,6 +47,29 @@ def _run(args) -> int:
         print(f"\nreused {len(cached)} finished stages: {', '.join(cached)}")
     print(f"\nreport:   {out}/report.json (+ report.md, accuracy.png, confusion.png, loss_curves.png)")
     print(f"artifact: {out}/artifact  (MixtureModel.from_pretrained, loramix serve)")
+    return 0
+
+
+def _tune(args) -> int:
+    import tune_spaces
+
+    if args.list_spaces:
+        print("\n".join(tune_spaces.describe()))
+        return 0
+    if not args.config:
+        raise ConfigError("`loramix tune` needs a CONFIG (or --list-spaces).")
+    from pipelines.tune import run_tune
+
+    cfg = load_config(args.config, args.overrides)
+    out = args.output or cfg.output
+    result = run_tune(cfg, out, args.address)
+    best = result["best"]
+    print(
+        f"\n{len(result['trials'])} trials, {len(result['experts_trained'])} LoRAs trained, {result['seconds']:.0f} s"
+    )
+    print(f"best: {best['params']} -> {result['metric']} {best[result['metric']]:.3f}")
+    print(f"results: {out}/tune/results.json  plot: {out}/tune/metric.png")
+    print(f"run it:  loramix run {out}/tune/best.yaml")
     return 0
 
 
@@ -116,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local instance)")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. router.top_k=2")
     p.set_defaults(func=_run)
+    p = sub.add_parser("tune", help="search LoRA rank, router top-k, learning rates, recipe with Ray Tune")
+    p.add_argument("config", nargs="?", help="YAML config; its `tune` section picks the space")
+    p.add_argument("--output", help="output directory (results under OUTPUT/tune); rerun to resume")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local instance)")
+    p.add_argument("--list-spaces", action="store_true", help="list the search spaces in tune_spaces/")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tune.num_samples=8")
+    p.set_defaults(func=_tune)
     p = sub.add_parser("add-domain", help="train one new expert into a finished run and refresh its router")
     p.add_argument("output", help="the finished run's output directory")
     p.add_argument("--name", required=True)

@@ -32,7 +32,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def world(ray_local, tmp_path_factory):
+def ray_metrics():
+    """Local Ray exporting Prometheus metrics on a free port (returned)."""
+    import ray
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+    yield port
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world(ray_metrics, tmp_path_factory):
     from ray import serve
 
     from pipelines.serve import deploy, settings
@@ -40,7 +52,7 @@ def world(ray_local, tmp_path_factory):
     art = str(demo_artifact(tmp_path_factory.mktemp("serve") / "artifact"))
     port = free_port()
     url = deploy(art, settings(art, LIGHT + ["max_tokens_limit=64"], port=port, topology="fused"))
-    yield {"artifact": art, "url": url, "port": port, "engine": Engine.from_artifact(art)}
+    yield {"artifact": art, "url": url, "port": port, "engine": Engine.from_artifact(art), "metrics": ray_metrics}
     serve.shutdown()
 
 
@@ -194,9 +206,30 @@ def test_load_many_concurrent_clients(world):
     print(f"\nload: 200 requests, 16 clients: {200 / wall:.1f} req/s, p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
 
 
+def scrape(port: int, name: str, **labels) -> float:
+    """Sum of a Prometheus series on the node's metrics endpoint, over samples matching ``labels``."""
+    total = 0.0
+    for line in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_prometheus_metrics_per_expert(world, client):
+    for _ in range(3):
+        client.completions.create(model="loramix:shift", prompt=PROMPTS["sort"], max_tokens=4, temperature=0)
+    deadline, seen = time.time() + 60, 0.0
+    while time.time() < deadline and seen < 3:  # Ray exports metrics every few seconds
+        time.sleep(2)
+        seen = scrape(world["metrics"], "ray_loramix_requests_total", expert="shift", model="loramix:shift")
+    assert seen >= 3
+    assert scrape(world["metrics"], "ray_loramix_completion_tokens_total", expert="shift") >= 3
+    assert scrape(world["metrics"], "ray_loramix_latency_s_count", expert="shift") >= 3
+
+
 # -------------------------------------------------------------------------------------- routed
 @pytest.fixture(scope="module")
-def routed(world, ray_local):
+def routed(world):
     """The routed topology with an API key, deployed by the real `loramix serve` command."""
     import ray
 

@@ -1,0 +1,83 @@
+"""The body of one hyperparameter-search trial, without Ray: train a router over given experts
+and validate it at fixed points, so a scheduler (ASHA) can stop weak trials early.
+
+    router_trial(cfg, base_info, adapters, report=tune.report)   # the Ray Tune shell
+    router_trial(cfg, base_info, adapters, report=seen.append)   # tests
+
+The metric is ``accuracy``: mean exact match over the domains' ``eval`` split (first
+``data.eval_limit`` rows); ``val_loss`` (mean completion loss there) breaks ties. Tune
+*selects* on it, so it is a validation score: report final numbers from a run whose ``eval``
+files were not used for selection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from loramix import evaluate, loops, stages
+from loramix.config import LoramixConfig
+
+logger = logging.getLogger(__name__)
+
+METRIC = "accuracy"
+
+
+def eval_steps(steps: int, evals: int) -> list[int]:
+    """``evals`` router steps spread evenly up to and including the last one."""
+    return sorted({max(1, round(i * steps / evals)) for i in range(1, evals + 1)})
+
+
+def validate(mm, evals: dict, tokenizer) -> dict[str, tuple[float, float]]:
+    """``(exact match, completion loss)`` per domain of the routed mixture."""
+
+    def forward(batch):  # routes on the prompt only, as generation does
+        route_mask = loops.prompt_mask(batch)
+        return mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], route_mask=route_mask).logits
+
+    mm.eval()
+    try:
+        with torch.no_grad():
+            return {
+                name: (
+                    evaluate.exact_match(mm, ex, tokenizer),
+                    evaluate.completion_loss(forward, ex, tokenizer.pad_token_id),
+                )
+                for name, ex in evals.items()
+            }
+    finally:
+        mm.train()
+
+
+def router_trial(
+    cfg: LoramixConfig,
+    base_info: dict,
+    adapters: dict[str, str],
+    *,
+    report: Callable[[dict], None],
+    universal: str | None = None,
+) -> dict:
+    """Train ``cfg``'s router over ``adapters``; at ``tune.evals_per_trial`` points report
+    ``{"accuracy", "val_loss", "router_step", "loss", "accuracy/<domain>"...}``. Returns the last report."""
+    tokenizer = stages.load_tokenizer(base_info)
+    mm, batches = stages.router_setup(cfg, base_info, adapters, tokenizer, universal)
+    evals = stages.domain_examples(cfg, tokenizer, "eval")
+    points = set(eval_steps(cfg.router.steps, cfg.tune.evals_per_trial))
+    last: dict = {}
+
+    def on_step(metrics: dict, ckpt=None) -> None:
+        if metrics["step"] not in points:
+            return
+        per = validate(mm, evals, tokenizer)
+        last.clear()
+        last[METRIC] = sum(acc for acc, _ in per.values()) / len(per)
+        last["val_loss"] = sum(loss for _, loss in per.values()) / len(per)
+        last.update({"router_step": metrics["step"], "loss": metrics["loss"]})
+        last.update({f"{METRIC}/{name}": acc for name, (acc, _) in per.items()})
+        logger.info("router step %d: %s %.3f", metrics["step"], METRIC, last[METRIC])
+        report(dict(last))
+
+    loops.train_router(cfg.router, mm, batches, report=on_step, recipe=cfg.recipe, log_every=cfg.train.log_every)
+    return last

@@ -1,0 +1,159 @@
+"""``loramix tune``: search LoRA rank, router top-k, learning rates and recipe with Ray Tune.
+
+Behaviour (config section ``tune``, see ``loramix config-help``):
+
+- ``tune.space`` names a module of ``tune_spaces/``; its keys are dotted config paths, checked
+  before anything starts (bad keys or values that break the schema are a ConfigError).
+- Each trial is a Tune function trial: it applies its values to the config, gets its experts
+  from the :class:`ExpertCacheActor` (each distinct expert set is one Ray Train ``TorchTrainer``
+  per domain, trained once and shared), then trains the router in-process and reports the
+  validation ``accuracy`` ``tune.evals_per_trial`` times; ASHA stops weak trials at those rungs.
+- ``tune.searcher: optuna`` uses OptunaSearch; ``num_samples``, ``max_concurrent_trials``,
+  ``cpus_per_trial``/``gpus_per_trial`` come from the config.
+- Rerunning the same command resumes (``Tuner.restore``): finished trials are not rerun and
+  finished experts are reused from disk.
+- Writes ``OUTPUT/tune/results.json`` (every trial), ``OUTPUT/tune/best.yaml`` (a full config
+  for ``loramix run``; the best trial is the argmax of its final reported accuracy) and
+  ``OUTPUT/tune/metric.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import ray
+from ray import tune
+
+import tune_spaces
+from actors.expert_cache import ExpertCacheActor
+from actors.progress import ProgressActor
+from loramix.artifact import StageStore, file_digest, fingerprint
+from loramix.config import LoramixConfig, apply_values, build_config, dump_config
+from loramix.demo import ensure_demo_data
+from loramix.tuning import METRIC, router_trial
+from pipelines.run import base_stage, connect
+
+logger = logging.getLogger(__name__)
+
+
+def _ask(cache, job: str, digest: str, kwargs: dict) -> tuple[str, dict]:
+    """Ask the cache for a LoRA: launches its training unless it is done or already under way."""
+    return digest, ray.get(cache.get.remote(job, digest, kwargs))
+
+
+def _wait(cache, asked: tuple[str, dict]) -> dict:
+    digest, answer = asked
+    if "result" in answer:
+        return answer["result"]
+    try:
+        return ray.get(answer["ref"])
+    except Exception:
+        cache.forget.remote(digest)  # let the next trial retry rather than inherit the failure
+        raise
+
+
+def trial(params: dict, *, cfg_dict: dict, base_info: dict, h_base: str, data: dict, cache, progress) -> None:
+    """One Tune trial: shared experts (all asked for at once, so new ones train concurrently),
+    then router training with validation reports."""
+    cfg = build_config(apply_values(cfg_dict, params), source=f"tune trial {params}")
+    common = dict(cfg_dict=cfg.model_dump(mode="json"), base_info=base_info, progress=progress)
+    universal, h_uni = None, None
+    if cfg.universal.enabled:
+        h_uni = fingerprint("universal", h_base, cfg.universal, cfg.expert.target_modules, sorted(data.values()))
+        optim = cfg.expert.model_copy(update=cfg.universal.model_dump(exclude={"enabled", "variant"}))
+        kwargs = dict(domains=list(data), optim=optim.model_dump(mode="json"), run_name=f"universal-{h_uni}")
+        universal = _wait(cache, _ask(cache, "universal", h_uni, kwargs | {"universal": None} | common))["path"]
+    asked = {}
+    for name, digest in data.items():
+        h = fingerprint("expert", h_base, h_uni, cfg.expert, cfg.seed, digest)
+        kwargs = dict(domains=[name], optim=cfg.expert.model_dump(mode="json"), run_name=f"expert-{name}-{h}")
+        asked[name] = _ask(cache, f"expert/{name}", h, kwargs | {"universal": universal} | common)
+    adapters = {name: _wait(cache, a)["path"] for name, a in asked.items()}
+    router_trial(cfg, base_info, adapters, report=tune.report, universal=universal)
+
+
+def _prepare(cfg: LoramixConfig, shared: Path, progress) -> tuple[dict, str]:
+    h_base = fingerprint("base", cfg.model, cfg.seed, cfg.data.max_length)
+    store = StageStore(shared)
+    base = store.done("base", h_base)
+    if base is None:
+        base = ray.get(
+            base_stage.remote(cfg.model_dump(mode="json"), str(shared / "base"), str(shared), h_base, progress)
+        )
+    return base, h_base
+
+
+def _tuner(cfg: LoramixConfig, space: dict, trainable, storage: Path) -> tune.Tuner:
+    path = storage / "search"
+    if tune.Tuner.can_restore(str(path)):
+        logger.warning("resuming the search in %s (finished trials are kept)", path)
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    t = cfg.tune
+    scheduler = (
+        tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=t.evals_per_trial,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+        )
+        if t.scheduler == "asha"
+        else tune.schedulers.FIFOScheduler()
+    )
+    searcher = None
+    if t.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=cfg.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=t.num_samples,
+            max_concurrent_trials=t.max_concurrent_trials,
+            scheduler=scheduler,
+            search_alg=searcher,
+        ),
+        run_config=tune.RunConfig(
+            name="search",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str | None = None) -> dict:
+    """Run (or resume) the search; returns the summary written to ``results.json``."""
+    from pipelines.tune_report import write_results
+
+    ensure_demo_data(cfg)
+    space = tune_spaces.load(cfg)
+    out = Path(output or cfg.output).resolve()
+    shared = out / "tune" / "shared"
+    # Stages (base, experts) write under the shared folder; trials never copy weights around.
+    cfg = cfg.model_copy(update={"output": str(shared)})
+    connect(address)
+    t0 = time.perf_counter()
+    progress = ProgressActor.remote()
+    base_info, h_base = _prepare(cfg, shared, progress)
+    cache = ExpertCacheActor.remote(str(shared))
+    data = {d.name: file_digest(d.train) for d in cfg.data.domains}
+    trainable = tune.with_resources(
+        partial(trial, cfg_dict=cfg.model_dump(mode="json"), base_info=base_info, h_base=h_base, data=data,
+                cache=cache, progress=progress),
+        {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
+    )  # fmt: skip
+    grid = _tuner(cfg, space, trainable, out / "tune" / "ray").fit()
+    launched = ray.get(cache.stats.remote())["launched"]
+    return write_results(grid, cfg.model_copy(update={"output": str(out / "best")}), out / "tune", launched,
+                         seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def best_config(cfg: LoramixConfig, params: dict) -> str:
+    """The YAML of ``cfg`` with a trial's ``params`` applied (what ``loramix run`` takes)."""
+    return dump_config(build_config(apply_values(cfg.model_dump(mode="json"), params), source="best trial"))
