@@ -120,3 +120,19 @@ def test_more_rungs_than_router_steps_is_refused():
     )
     with pytest.raises(ConfigError, match=r"`tune.evals_per_trial` \(4\) exceeds `router.steps` \(3\)"):
         tune_spaces.load(cfg)
+
+
+def test_searcher_and_scheduler_come_from_the_config(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.tune import _tuner
+
+    cfg = two_domains(space="full", searcher="optuna", num_samples=3, max_concurrent_trials=2, evals_per_trial=5)
+    tuner = _tuner(cfg, tune_spaces.load(cfg), lambda params: None, tmp_path)
+    tc = tuner._local_tuner._tune_config  # no public getter in Ray 2.60
+    assert isinstance(tc.search_alg, OptunaSearch) and isinstance(tc.scheduler, ASHAScheduler)
+    assert (tc.num_samples, tc.max_concurrent_trials, tc.metric, tc.mode) == (3, 2, "accuracy", "max")
+    assert tc.scheduler._max_t == 5
+    fifo = _tuner(two_domains(space="demo", scheduler="fifo"), {}, lambda params: None, tmp_path / "b")
+    assert isinstance(fifo._local_tuner._tune_config.scheduler, FIFOScheduler)
