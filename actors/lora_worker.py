@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -170,6 +171,10 @@ def train_lora_worker(config: dict) -> None:
         "seconds": time.perf_counter() - started,
         "resumed_from": start,
         "losses": summary["losses"],
+        # What `loramix bench --ray` compares across ZeRO stages: the loop's own time and rank 0's peak memory.
+        "loop_seconds_per_step": summary["seconds"] / max(1, cfg.steps - start),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
     save_adapter(engine, model, name, final, rank)
 

@@ -9,7 +9,8 @@ machines are noisy); nothing here asserts a speed. Sections:
    one request at a time with ``set_adapter`` and vs PEFT's mixed batch ``adapter_names``;
 3. memory: bytes per extra expert in a fused replica vs a full copy of the model.
 
-Training on Ray (ZeRO stages, concurrent experts) and Serve latency are not measured here yet.
+``--ray`` adds training (concurrent vs sequential experts, ZeRO 0/2/3) and serving (fused vs
+routed throughput and latency against concurrency) on a local Ray: see :mod:`benchmarks.ray_bench`.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def memory(cfg: BenchConfig, fresh, adapters) -> dict:
     return {"bytes_per_expert": per_expert, "bytes_full_model": model_bytes, "ratio": per_expert / model_bytes}
 
 
-def run(output: str | Path, quick: bool = False) -> dict:
+def run(output: str | Path, quick: bool = False, with_ray: bool = False) -> dict:
     cfg = BenchConfig.quick() if quick else BenchConfig()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,6 +189,10 @@ def run(output: str | Path, quick: bool = False) -> dict:
             "heterogeneous_generation": heterogeneous_generation(cfg, fresh, adapters),
             "memory": memory(cfg, fresh, adapters),
         }
+        if with_ray:
+            from benchmarks import ray_bench
+
+            result |= ray_bench.run(Path(tmp) / "ray", quick)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out)
     return result
@@ -229,4 +234,29 @@ def summary(result: dict) -> str:
             f"memory: {m['bytes_per_expert'] / 2**20:.2f} MiB per expert vs {m['bytes_full_model'] / 2**20:.1f} MiB "
             f"per model copy ({m['ratio']:.2%})",
         ]
+        + _ray_lines(result)
     )
+
+
+def _ray_lines(result: dict) -> list[str]:
+    lines = []
+    if "training" in result:
+        t = result["training"]
+        lines.append(
+            f"training: {t['experts']} experts concurrently {t['concurrent_s']:.1f}s vs one after another "
+            f"{t['sequential_s']:.1f}s ({t['speedup_concurrent']:.2f}x)"
+        )
+        for stage, z in t["zero"].items():
+            vs = "" if stage == "0" else f" ({z['step_time_vs_zero0']:.2f}x time, {z['memory_vs_zero0']:.2f}x memory)"
+            lines.append(
+                f"  ZeRO-{stage}: {1e3 * z['seconds_per_step']:.0f} ms/step, peak {z['peak_rss_mib']:.0f} MiB{vs}"
+            )
+    if "serving" in result:
+        srv = result["serving"]
+        for topology in ("fused", "routed"):
+            levels = ", ".join(
+                f"c={c}: {v['requests_per_s']:.1f} req/s p50 {v['p50_ms']:.0f} ms p99 {v['p99_ms']:.0f} ms"
+                for c, v in srv[topology].items()
+            )
+            lines.append(f"serving {topology}: {levels}")
+    return lines

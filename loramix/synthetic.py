@@ -19,6 +19,7 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -124,3 +125,46 @@ def write_demo_data(out_dir: str | Path, tasks: list[str], train_size: int = 400
         evals = write_jsonl(make_rows(task, eval_size, seed=1), out_dir / f"{task}.eval.jsonl")
         domains.append({"name": task, "train": str(train), "eval": str(evals)})
     return {"domains": domains}
+
+
+def demo_artifact(
+    path, *, recipe: str = "moa", top_k: int = 1, experts=("reverse", "sort", "shift"), seed: int = 0, router_steps=30
+):
+    """A saved mixture on the demo world in seconds, for tests and serving benchmarks: the char
+    tokenizer (``path/tokenizer``), an untrained small Llama (``<path>-base``), random experts
+    with B != 0 (``<path>-adapters/<name>``) and a MoA/MoLE/MoDULA router trained for a few
+    steps on cue-worded prompts, so prompts route by their cue word."""
+    from peft import LoraConfig, get_peft_model
+
+    from loramix import data, loops
+    from loramix.config import RouterConfig
+    from loramix.model import MixtureModel
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    base = build_base(tokenizer, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4).eval()
+    adapters = {}
+    for i, name in enumerate(experts):
+        torch.manual_seed(seed + i + 1)
+        peft_model = get_peft_model(
+            base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    p.mul_(4.0)
+        peft_model.save_pretrained(str(path.parent / f"{path.name}-adapters" / name))
+        adapters[name] = str(path.parent / f"{path.name}-adapters" / name)
+        base = peft_model.unload()
+    base.save_pretrained(str(path.parent / f"{path.name}-base"))
+    mm = MixtureModel.from_adapters(base, adapters, router=recipe, top_k=top_k)
+    torch.manual_seed(seed + 100)  # a briefly trained router, so prompts route by their cue word
+    rows = [e for i, n in enumerate(experts) for e in data.tokenize_rows(make_rows(n, 64, seed), tokenizer, 32, i)]
+    it = data.batches(rows, 32, tokenizer.pad_token_id, seed=seed, steps=router_steps)
+    loops.train_router(RouterConfig(steps=router_steps, lr=2e-2, warmup_ratio=0), mm, it, report=lambda m, c=None: None,
+                       recipe=recipe)  # fmt: skip
+    mm.eval()
+    mm.save_pretrained(path, base_path=str((path.parent / f"{path.name}-base").resolve()))
+    tokenizer.save_pretrained(str(path / "tokenizer"))
+    return path

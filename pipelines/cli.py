@@ -90,7 +90,7 @@ def _add_domain(args) -> int:
 def _bench(args) -> int:
     from benchmarks.bench import run, summary
 
-    result = run(args.output, quick=args.quick)
+    result = run(args.output, quick=args.quick, with_ray=args.ray)
     print(summary(result))
     print(f"\nwrote {args.output}/bench.json and bench.png")
     return 0
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo_data)
     p = sub.add_parser("bench", help="benchmark the mixture against its base and PEFT (ratios, same process)")
     p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes), as CI runs it")
+    p.add_argument("--ray", action="store_true", help="also training (ZeRO, concurrency) and serving on local Ray")
     p.add_argument("--output", default="out/bench")
     p.set_defaults(func=_bench)
     p = sub.add_parser("serve", help="serve an artifact on Ray Serve (OpenAI-compatible HTTP)")

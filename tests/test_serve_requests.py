@@ -2,11 +2,11 @@
 status and names its field; the generated Serve config passes Ray's own schema."""
 
 import pytest
-from tiny import demo_artifact
 
 from loramix import synthetic
 from loramix.config import ConfigError
 from loramix.serve_config import ServeConfig
+from loramix.synthetic import demo_artifact
 from serve_app.app import deployment_options, load_serve_config, serve_config
 from serve_app.dispatch import Dispatcher
 from serve_app.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse

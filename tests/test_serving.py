@@ -3,9 +3,9 @@ stop strings, lengths, routes, and merged single-expert models."""
 
 import pytest
 import torch
-from tiny import demo_artifact
 
 from loramix.serving import Engine, GenerationRequest, SamplingParams
+from loramix.synthetic import demo_artifact
 
 PROMPTS = ["reverse hello=", "sort banana=", "shift xyz=", "reverse ab="]
 

@@ -7,11 +7,10 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from ray import tune
-from tiny import demo_artifact
 
 import tune_spaces
 from loramix.config import ConfigError, build_config, load_config
-from loramix.synthetic import write_demo_data
+from loramix.synthetic import demo_artifact, write_demo_data
 from loramix.tuning import eval_steps, router_trial
 from pipelines.tune_report import write_results
 

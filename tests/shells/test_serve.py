@@ -13,9 +13,9 @@ import openai
 import pytest
 import requests
 import torch
-from tiny import demo_artifact
 
 from loramix.serving import Engine
+from loramix.synthetic import demo_artifact
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
