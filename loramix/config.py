@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from loramix.names import check_expert_name
+from loramix.section import Section
 from loramix.serve_config import ServeConfig
 from loramix.tune_config import TuneConfig
 
@@ -27,11 +28,7 @@ class ConfigError(ValueError):
     """A configuration problem; the message lists every problem found, one per line."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class SyntheticBaseConfig(_Section):
+class SyntheticBaseConfig(Section):
     hidden_size: int = Field(128, ge=8)
     """Width of the demo Llama (only used when `model.base` is `synthetic`)."""
     intermediate_size: int = Field(256, ge=8)
@@ -57,7 +54,7 @@ class SyntheticBaseConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     base: str = "synthetic"
     """`synthetic` builds the offline demo base; otherwise a local directory or hub id for `from_pretrained`."""
     tokenizer: str | None = None
@@ -68,7 +65,7 @@ class ModelConfig(_Section):
     """Shape and pre-training of the demo base."""
 
 
-class DomainConfig(_Section):
+class DomainConfig(Section):
     name: str
     """Expert name: letters, digits, `_ . -`; names the expert everywhere (files, API, report)."""
     train: str
@@ -82,7 +79,7 @@ class DomainConfig(_Section):
         return check_expert_name(name)
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     domains: list[DomainConfig] = Field(default_factory=list)
     """One entry per domain: `{name, train, eval}`."""
     prompt_field: str = "prompt"
@@ -104,7 +101,7 @@ class DataConfig(_Section):
         return domains
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     steps: int = Field(300, ge=1)
     """Optimizer steps."""
     batch_size: int = Field(64, ge=1)
@@ -150,7 +147,7 @@ class RouterConfig(OptimConfig):
     """Weight of the balance loss -log prod q_i (MoLE, MoDULA)."""
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage for expert training (0 = plain data parallel)."""
     log_every: int = Field(10, ge=1)
@@ -163,7 +160,7 @@ class TrainConfig(_Section):
     """Ray Train checkpoint storage: a shared path or `s3://`/`gs://` URI (default `OUTPUT/ray_storage`)."""
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Data-parallel workers per expert trainer."""
     use_gpu: bool = False
@@ -172,7 +169,7 @@ class ResourcesConfig(_Section):
     """CPUs reserved per training worker."""
 
 
-class LoramixConfig(_Section):
+class LoramixConfig(Section):
     recipe: Recipe = "moa"
     """Mixture recipe: `moa` (sequence classifier), `mole` (gate per block), `modula` (token router)."""
     seed: int = 0

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from loramix.section import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
-
-class AutoscalingConfig(_Section):
+class AutoscalingConfig(Section):
     min_replicas: int = Field(0, ge=0)
     """Fewest replicas; 0 lets an idle deployment scale to zero (the first request then waits for a start)."""
     max_replicas: int = Field(2, ge=1)
@@ -33,7 +31,7 @@ class AutoscalingConfig(_Section):
         return self
 
 
-class DeploymentConfig(_Section):
+class DeploymentConfig(Section):
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count (ignored when `autoscaling` is set)."""
     autoscaling: AutoscalingConfig | None = None
@@ -50,7 +48,7 @@ def _experts_default() -> DeploymentConfig:
     return DeploymentConfig(autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=2))
 
 
-class ServeConfig(_Section):
+class ServeConfig(Section):
     topology: Literal["fused", "routed"] = "fused"
     """`fused`: replicas hold base + all experts; `routed`: confident requests go to per-expert merged replicas."""
     model_name: str = "loramix"

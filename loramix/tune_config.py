@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from loramix.section import Section
 
 
-class TuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
-
+class TuneConfig(Section):
     space: str = "rank_topk"
     """Search space: a module of `tune_spaces/` (`loramix tune --list-spaces` shows them)."""
     num_samples: int = Field(1, ge=1)

@@ -86,6 +86,21 @@ def test_chat_prompt_without_template_joins_contents(dispatcher):
     assert dispatcher.chat_prompt(request.messages) == dispatcher.encode("sort ba=")
 
 
+def test_chat_prompt_uses_the_tokenizers_template():
+    tok = synthetic.build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
+    d = Dispatcher(ServeConfig(), EXPERTS, tok, 64, None, None, {})
+    messages = parse(
+        ChatCompletionRequest,
+        {
+            "model": "loramix",
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        },
+    ).messages
+    want = tok("system: be brief\nuser: hi\nassistant: ", add_special_tokens=False)["input_ids"]
+    assert d.chat_prompt(messages) == want
+
+
 def test_deployment_options_reach_the_autoscaler():
     cfg = ServeConfig(topology="routed")
     fixed = deployment_options(cfg.fused)

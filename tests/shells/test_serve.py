@@ -119,6 +119,19 @@ def test_chat_models_and_streaming(world, client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
 
 
+def test_stop_and_seed_over_http(world, client):
+    text = PROMPTS["reverse"]
+    full = reference(world["engine"], text, 12)
+    assert len(full) >= 4
+    r = client.completions.create(model="loramix", prompt=text, max_tokens=12, temperature=0, stop=[full[2:4]])
+    assert r.choices[0].text == full[: full.index(full[2:4])] and r.choices[0].finish_reason == "stop"
+    sampled = [
+        client.completions.create(model="loramix", prompt=text, max_tokens=12, temperature=1.5, seed=s).choices[0].text
+        for s in (7, 7, 8)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
 def test_pinned_experts_and_explicit_weights(world, client):
     text, engine = PROMPTS["reverse"], world["engine"]
     answers = {}
