@@ -25,6 +25,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+# Below this many tokens per row (decoding steps), gathering each row's experts costs more memory
+# traffic than running the batch's union of experts as two plain GEMMs.
+PER_ROW_MIN_TOKENS = 8
+
 
 class Routing:
     """Gate state shared by every :class:`MixtureLinear` of one mixture during one call.
@@ -162,8 +166,9 @@ class MixtureLinear(nn.Module):
         gates = routing.gates_for(self, x)  # None, [batch, E] or [batch, seq, E]
         if gates is None or self.lora_A.shape[0] == 0:
             return y
-        if gates.dim() == 2 and routing.row_experts is not None and x.dim() == 3:
-            return y + self._per_row(z, routing, gates.shape[-1]).to(y.dtype)
+        per_row = gates.dim() == 2 and routing.row_experts is not None and x.dim() == 3
+        if per_row and x.shape[1] >= PER_ROW_MIN_TOKENS:
+            return self._per_row(y, z, routing, gates.shape[-1])
         A, B, owner, scale = self.lora_A, self.lora_B, self.expert_of_rank, self.scale_of_rank
         idx = self._active_ranks(routing.active) if gates.dim() == 2 else None
         if idx is not None:
@@ -176,7 +181,11 @@ class MixtureLinear(nn.Module):
         t = F.linear(z.to(A.dtype), A)  # [batch, seq, R]
         if self.variant == "res":
             t = F.silu(t)
-        return y + F.linear(t * rank_gates, B).to(y.dtype)
+        t = t * rank_gates
+        if y.dtype != B.dtype:
+            return y + F.linear(t, B).to(y.dtype)
+        # y + t B^T in one GEMM pass (beta = 1): no second sweep over the [tokens, d_out] output.
+        return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
 
     def _padded(self, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-expert stacks ``A [E, r_max, d_in]`` and ``s*B^T [E, r_max, d_out]``, zero-padded (cached)."""
@@ -193,8 +202,8 @@ class MixtureLinear(nn.Module):
         self._pad_cache = (A, Bt, r_max)
         return self._pad_cache
 
-    def _per_row(self, z: torch.Tensor, routing: Routing, n_experts: int) -> torch.Tensor:
-        """Each row gathers only its own k experts: two batched GEMMs of rank ``k * r_max``.
+    def _per_row(self, y: torch.Tensor, z: torch.Tensor, routing: Routing, n_experts: int) -> torch.Tensor:
+        """``y`` plus each row's own k experts: two batched GEMMs of rank ``k * r_max``.
 
         Punica/S-LoRA style: with top-k routing over many experts, the union of a batch's experts
         (the concatenated path) costs every row all of them; this costs each row its k.
@@ -207,7 +216,10 @@ class MixtureLinear(nn.Module):
         if self.variant == "res":
             t = F.silu(t)
         t = t * gates.to(t.dtype).repeat_interleave(r, dim=-1)[:, None, :]
-        return torch.bmm(t, Bt_pad[idx].reshape(b, k * r, -1))  # [batch, seq, d_out]
+        Bt = Bt_pad[idx].reshape(b, k * r, -1)
+        if y.dtype != Bt.dtype:
+            return y + torch.bmm(t, Bt).to(y.dtype)
+        return torch.baddbmm(y, t, Bt)  # y + t Bt in one pass, [batch, seq, d_out]
 
     def expert_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A_i, B_i)`` of expert ``i`` on this module, or None if it does not adapt it."""

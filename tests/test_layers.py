@@ -1,5 +1,6 @@
 """MixtureLinear alone: gates per sequence / token, skipping, universal flan / res."""
 
+import pytest
 import torch
 from helpers import assert_close
 from tiny import TinyMLP
@@ -97,15 +98,23 @@ def test_delta_weight_equals_forward():
     assert_close(layer(x), merged, atol=1e-4)
 
 
-def test_per_row_path_equals_union_path():
-    """Rows with different top-2 experts: each row gathers its own experts (Punica-style) and the
-    result equals the dense formula over all experts."""
+@pytest.mark.parametrize("seq, per_row", [(12, True), (1, False)])
+def test_per_row_path_equals_union_path(seq, per_row, monkeypatch):
+    """Rows with different top-2 experts: on prompts each row gathers its own experts
+    (Punica-style), on decoding steps the batch's union runs; both equal the dense formula."""
+    from loramix.layers import PER_ROW_MIN_TOKENS, MixtureLinear
+
+    assert (seq >= PER_ROW_MIN_TOKENS) == per_row
+    calls = []
+    original = MixtureLinear._per_row
+    monkeypatch.setattr(MixtureLinear, "_per_row", lambda self, *a: calls.append(1) or original(self, *a))
     layer, routing, A, B = make_layer(ranks=(2, 3, 4, 2))
-    x = torch.randn(4, 5, 10)
+    x = torch.randn(4, seq, 10)
     w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
     routing.set_weights(w)
     assert routing.row_experts is not None and routing.row_experts.shape == (4, 2)
     want = layer.base_layer(x) + sum(w[:, i, None, None] * expert_out(layer, A, B, i, x) for i in range(4))
     assert_close(layer(x), want, atol=1e-4)
+    assert bool(calls) == per_row
     routing.set_weights(torch.full((4, 4), 0.25))  # every row uses every expert: concatenated path
     assert routing.row_experts is None
