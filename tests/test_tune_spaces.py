@@ -9,7 +9,7 @@ import pytest
 from ray import tune
 
 import tune_spaces
-from loramix.config import ConfigError, build_config, load_config
+from loramix.config import ConfigError, apply_values, build_config, load_config
 from loramix.synthetic import demo_artifact, write_demo_data
 from loramix.tuning import eval_steps, router_trial
 from pipelines.tune_report import write_results
@@ -135,3 +135,18 @@ def test_searcher_and_scheduler_come_from_the_config(tmp_path):
     assert tc.scheduler._max_t == 5
     fifo = _tuner(two_domains(space="demo", scheduler="fifo"), {}, lambda params: None, tmp_path / "b")
     assert isinstance(fifo._local_tuner._tune_config.scheduler, FIFOScheduler)
+
+
+def test_optuna_samples_the_full_space_into_valid_configs():
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = two_domains(space="full", searcher="optuna")
+    space = tune_spaces.load(cfg)
+    searcher = OptunaSearch(seed=0)
+    assert searcher.set_search_properties("accuracy", "max", space)
+    for i in range(5):
+        params = searcher.suggest(f"t{i}")
+        assert set(params) == set(space)
+        trial = build_config(apply_values(cfg.model_dump(mode="json"), params))
+        assert trial.recipe in ("moa", "mole", "modula") and 1 <= trial.router.top_k <= 2
+        assert 1e-4 <= trial.expert.lr <= 1e-2 and trial.expert.rank in (4, 8, 16, 32)
