@@ -50,9 +50,12 @@ class Routing:
         self.record: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (gates, token mask)
         self.row_experts: torch.Tensor | None = None  # [batch, k] each row's experts (per-row path)
         self.row_gates: torch.Tensor | None = None  # [batch, k] their gates
+        # Static weights: each layer's (A, B, rank gates) computed once, reused by every decoding step.
+        self.prepared: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def set_weights(self, weights: torch.Tensor) -> None:
         self.weights = weights
+        self.prepared = {}
         # One host sync per call (not per layer) decides which experts the layers may skip, and
         # whether rows should each gather only their own experts (k per row < experts in the batch).
         nonzero = weights != 0
@@ -169,15 +172,10 @@ class MixtureLinear(nn.Module):
         per_row = gates.dim() == 2 and routing.row_experts is not None and x.dim() == 3
         if per_row and x.shape[1] >= PER_ROW_MIN_TOKENS:
             return self._per_row(y, z, routing, gates.shape[-1])
-        A, B, owner, scale = self.lora_A, self.lora_B, self.expert_of_rank, self.scale_of_rank
-        idx = self._active_ranks(routing.active) if gates.dim() == 2 else None
-        if idx is not None:
-            if idx.numel() == 0:
-                return y
-            A, B, owner, scale = A[idx], B[:, idx], owner[idx], scale[idx]
-        rank_gates = (gates[..., owner].float() * scale).to(A.dtype)  # [batch, (seq,) R]
-        if rank_gates.dim() == 2:  # per sequence: broadcast over every token position
-            rank_gates = rank_gates.view(rank_gates.shape[0], *([1] * (x.dim() - 2)), -1)
+        prepared = self._prepare(gates, routing, x.dim())
+        if prepared is None:
+            return y
+        A, B, rank_gates = prepared
         t = F.linear(z.to(A.dtype), A)  # [batch, seq, R]
         if self.variant == "res":
             t = F.silu(t)
@@ -186,6 +184,29 @@ class MixtureLinear(nn.Module):
             return y + F.linear(t, B).to(y.dtype)
         # y + t B^T in one GEMM pass (beta = 1): no second sweep over the [tokens, d_out] output.
         return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+
+    def _prepare(self, gates: torch.Tensor, routing: Routing, x_dim: int):
+        """``(A, B, rank_gates)`` over the active experts' ranks, or None if none is active.
+
+        With static weights (``routing.weights``: generation, explicit weights) the result is the
+        same for every call until the weights change, so it is kept in ``routing.prepared``.
+        """
+        static = gates.dim() == 2 and routing.weights is not None
+        key = (id(self), gates.shape[0])
+        if static and key in routing.prepared:
+            return routing.prepared[key]
+        A, B, owner, scale = self.lora_A, self.lora_B, self.expert_of_rank, self.scale_of_rank
+        idx = self._active_ranks(routing.active) if gates.dim() == 2 else None
+        if idx is not None:
+            if idx.numel() == 0:
+                return None
+            A, B, owner, scale = A[idx], B[:, idx], owner[idx], scale[idx]
+        rank_gates = (gates[..., owner].float() * scale).to(A.dtype)  # [batch, (seq,) R]
+        if rank_gates.dim() == 2:  # per sequence: broadcast over every token position
+            rank_gates = rank_gates.view(rank_gates.shape[0], *([1] * (x_dim - 2)), -1)
+        if static:
+            routing.prepared[key] = (A, B, rank_gates)
+        return A, B, rank_gates
 
     def _padded(self, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-expert stacks ``A [E, r_max, d_in]`` and ``s*B^T [E, r_max, d_out]``, zero-padded (cached)."""
