@@ -177,7 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local instance)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: LORAMIX_API_KEY)")
-    p.add_argument("--detach", action="store_true", help="return once deployed (the app keeps running)")
+    p.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once deployed; the app keeps running on the cluster (needs --address or RAY_ADDRESS)",
+    )
     p.add_argument("overrides", nargs="*", help="serve settings, e.g. experts.num_gpus=1 route_threshold=0.9")
     p.set_defaults(func=_serve)
     p = sub.add_parser("serve-config", help="write a Serve config YAML (`serve deploy`) for an artifact")

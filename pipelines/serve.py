@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from loramix.config import apply_overrides
+from loramix.config import ConfigError, apply_overrides
 from loramix.serve_config import ServeConfig
 from serve_app.app import build_app, load_serve_config, serve_config
 
@@ -45,6 +45,13 @@ def deploy(artifact: str, cfg: ServeConfig, address: str | None = None) -> str:
 
 
 def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *, detach: bool = False) -> str:
+    """Deploy, print the URL, then block until Ctrl-C (``detach``: return, leaving the app up)."""
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if detach and not cluster:
+        raise ConfigError(
+            "`--detach` leaves the app on a running cluster, but none was given: pass --address or set "
+            "RAY_ADDRESS (without one, the local Ray this command starts ends with it)."
+        )
     url = deploy(artifact, cfg, address)
     print(f"serving {artifact} ({cfg.topology}) at {url}/v1  (OpenAI-compatible; {url}/healthz)", flush=True)
     if detach:
@@ -55,7 +62,11 @@ def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(APP_NAME)
+        try:
+            if cluster:  # a local instance goes away with this process anyway
+                serve.delete(APP_NAME)
+        except KeyboardInterrupt:
+            pass
         print("stopped")
     return url
 
