@@ -131,3 +131,11 @@ def test_bad_serve_settings_are_config_errors(tmp_path):
         load_serve_config(art, {"route_threshold": 2})
     with pytest.raises(ConfigError, match="min_replicas"):
         load_serve_config(art, {"experts": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}})
+
+
+def test_detach_needs_a_cluster(tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve", str(tmp_path), "--detach"]) == 2
+    assert "`--detach` leaves the app on a running cluster" in capsys.readouterr().err
