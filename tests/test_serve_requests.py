@@ -59,7 +59,7 @@ def test_good_requests_plan(dispatcher):
         ({"prompt": 5}, 400, "prompt", "valid string"),
         ({"max_tokens": "5"}, 400, "max_tokens", "valid integer"),
         ({"temperature": 3}, 400, "temperature", "less than or equal to 2"),
-        ({"stop": [1]}, 400, "stop", ""),
+        ({"stop": [1]}, 400, "stop", "valid string"),
         ({"model": None}, 400, "model", "valid string"),
     ],
 )
