@@ -96,11 +96,21 @@ class Example:
     prompt_len: int = 0
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos]``, or ``[]`` for tokenizers without one."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A prompt laid out as :func:`tokenize_rows` lays out training prompts: BOS + tokens, no EOS."""
+    return bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_rows(rows: Sequence[dict], tokenizer, max_length: int, domain: int = 0, source: str = "") -> list[Example]:
     """Tokenise rows into prompt-masked examples; over-long rows are an error naming the row."""
     prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
     completions = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = bos_ids(tokenizer)
     eos = [tokenizer.eos_token_id]
     out = []
     for i, (p, c) in enumerate(zip(prompts, completions), 1):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.data import pad_left
+from loramix.data import encode_prompt, pad_left
 from loramix.model import MixtureModel, position_ids
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ class _Row:
         if self.done:
             return None
         p, finish = self.request.params, None
-        if token == self.tokenizer.eos_token_id:
+        eos = token == self.tokenizer.eos_token_id
+        if eos:
             finish, text = "stop", self._text()
         else:
             self.ids.append(token)
@@ -114,7 +115,7 @@ class _Row:
             text = text[: len(text) - hold] if hold else text
             if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
                 text = self.sent
-        delta = Delta(text[len(self.sent) :], [] if token == self.tokenizer.eos_token_id else [token], finish)
+        delta = Delta(text[len(self.sent) :], [] if eos else [token], finish)
         if not self.started:
             delta.route, self.started = self.route, True
         self.sent, self.done = text, finish is not None
@@ -169,8 +170,7 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         """Prompt text to ids exactly as training saw prompts: BOS + tokens, no EOS."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_prompt(self.tokenizer, text)
 
     def check(self, request: GenerationRequest) -> None:
         """Raise ValueError for a request this engine cannot decode."""

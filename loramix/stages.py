@@ -29,6 +29,11 @@ def multitask_optim(cfg: LoramixConfig):
     return cfg.expert.model_copy(update={"steps": cfg.expert.steps * len(cfg.data.domains)})
 
 
+def universal_optim(cfg: LoramixConfig):
+    """The universal LoRA's optimiser: the experts' settings overridden by the `universal` section."""
+    return cfg.expert.model_copy(update=cfg.universal.model_dump(exclude={"enabled", "variant"}))
+
+
 def _quiet(metrics, ckpt=None) -> None:
     return None
 

@@ -65,6 +65,21 @@ def _poster(progress, job: str, total: int, every: int = 5):
     return report
 
 
+# Input hashes of the LoRA stages, shared with `loramix tune`'s expert cache so a search and a
+# run agree on when two experts are the same.
+def base_digest(cfg: LoramixConfig) -> str:
+    return fingerprint("base", cfg.model, cfg.seed, cfg.data.max_length)
+
+
+def universal_digest(cfg: LoramixConfig, h_base: str, train_digests: list[str]) -> str:
+    """``train_digests``: every domain's train file digest, in config order."""
+    return fingerprint("universal", h_base, cfg.universal, cfg.expert.target_modules, train_digests)
+
+
+def expert_digest(cfg: LoramixConfig, h_base: str, h_uni: str | None, train_digest: str) -> str:
+    return fingerprint("expert", h_base, h_uni, cfg.expert, cfg.seed, train_digest)
+
+
 @ray.remote
 def base_stage(cfg_dict: dict, out_dir: str, store_root: str, digest: str, progress) -> dict:
     cfg = LoramixConfig.model_validate(cfg_dict)
@@ -185,7 +200,7 @@ class Pipeline:
     def build(self) -> dict:
         cfg, out, root = self.cfg, self.out, str(self.out)
         data = {d.name: (file_digest(d.train), file_digest(d.eval)) for d in cfg.data.domains}
-        h_base = fingerprint("base", cfg.model, cfg.seed, cfg.data.max_length)
+        h_base = base_digest(cfg)
         base = self._stage(
             "base",
             h_base,
@@ -221,14 +236,12 @@ class Pipeline:
         multitask = lora("multitask_lora", names, multi_optim, str(out / "multitask_lora"), h_multi)
         universal, h_uni = None, None
         if cfg.universal.enabled:
-            h_uni = fingerprint(
-                "universal", h_base, cfg.universal, cfg.expert.target_modules, [data[n][0] for n in names]
-            )
-            uni_optim = cfg.expert.model_copy(update=cfg.universal.model_dump(exclude={"enabled", "variant"}))
+            h_uni = universal_digest(cfg, h_base, [data[n][0] for n in names])
+            uni_optim = stages.universal_optim(cfg)
             universal = lora("universal", names, uni_optim, str(out / "universal"), h_uni)
         experts, h_experts = {}, {}
         for name in names:
-            h_experts[name] = fingerprint("expert", h_base, h_uni, cfg.expert, cfg.seed, data[name][0])
+            h_experts[name] = expert_digest(cfg, h_base, h_uni, data[name][0])
             uni_path = None if universal is None else str(out / "universal")
             experts[name] = lora(
                 f"expert/{name}",

@@ -30,11 +30,12 @@ from ray import tune
 import tune_spaces
 from actors.expert_cache import ExpertCacheActor
 from actors.progress import ProgressActor
-from loramix.artifact import StageStore, file_digest, fingerprint
+from loramix import stages
+from loramix.artifact import StageStore, file_digest
 from loramix.config import LoramixConfig, apply_values, build_config, dump_config
 from loramix.demo import ensure_demo_data
 from loramix.tuning import METRIC, router_trial
-from pipelines.run import base_stage, connect
+from pipelines.run import base_digest, base_stage, connect, expert_digest, universal_digest
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,13 @@ def trial(params: dict, *, cfg_dict: dict, base_info: dict, h_base: str, data: d
     common = dict(cfg_dict=cfg.model_dump(mode="json"), base_info=base_info, progress=progress)
     universal, h_uni = None, None
     if cfg.universal.enabled:
-        h_uni = fingerprint("universal", h_base, cfg.universal, cfg.expert.target_modules, sorted(data.values()))
-        optim = cfg.expert.model_copy(update=cfg.universal.model_dump(exclude={"enabled", "variant"}))
-        kwargs = dict(domains=list(data), optim=optim.model_dump(mode="json"), run_name=f"universal-{h_uni}")
+        h_uni = universal_digest(cfg, h_base, list(data.values()))  # config order, as `loramix run`
+        optim = stages.universal_optim(cfg).model_dump(mode="json")
+        kwargs = dict(domains=list(data), optim=optim, run_name=f"universal-{h_uni}")
         universal = _wait(cache, _ask(cache, "universal", h_uni, kwargs | {"universal": None} | common))["path"]
     asked = {}
     for name, digest in data.items():
-        h = fingerprint("expert", h_base, h_uni, cfg.expert, cfg.seed, digest)
+        h = expert_digest(cfg, h_base, h_uni, digest)
         kwargs = dict(domains=[name], optim=cfg.expert.model_dump(mode="json"), run_name=f"expert-{name}-{h}")
         asked[name] = _ask(cache, f"expert/{name}", h, kwargs | {"universal": universal} | common)
     adapters = {name: _wait(cache, a)["path"] for name, a in asked.items()}
@@ -76,7 +77,7 @@ def trial(params: dict, *, cfg_dict: dict, base_info: dict, h_base: str, data: d
 
 
 def _prepare(cfg: LoramixConfig, shared: Path, progress) -> tuple[dict, str]:
-    h_base = fingerprint("base", cfg.model, cfg.seed, cfg.data.max_length)
+    h_base = base_digest(cfg)
     store = StageStore(shared)
     base = store.done("base", h_base)
     if base is None:

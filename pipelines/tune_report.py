@@ -24,7 +24,7 @@ def trial_rows(grid, max_t: int) -> list[dict]:
         rows.append(
             {
                 "trial_id": metrics.get("trial_id") or Path(result.path).name,
-                "params": {k: v for k, v in (result.config or {}).items()},
+                "params": dict(result.config or {}),
                 METRIC: metrics.get(METRIC),
                 "val_loss": metrics.get("val_loss"),
                 "history": history,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loramix.data import bos_ids, encode_prompt
 from loramix.serve_config import ServeConfig
 from loramix.serving import SamplingParams
 from serve_app.schemas import APIError
@@ -47,9 +48,8 @@ class Dispatcher:
 
     # ----------------------------------------------------------------------------- validation
     def encode(self, text: str) -> list[int]:
-        """As training saw prompts: BOS + tokens (see :meth:`loramix.serving.Engine.encode`)."""
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """As training saw prompts: BOS + tokens."""
+        return encode_prompt(self.tokenizer, text)
 
     def chat_prompt(self, messages) -> list[int]:
         """The tokenizer's chat template with a generation prompt; without one, the messages'
@@ -118,7 +118,7 @@ class Dispatcher:
         if not 1 <= max_tokens <= limit:
             raise APIError(400, f"`max_tokens` must be in [1, {limit}], got {max_tokens}.", "max_tokens")
         for p in prompts:
-            if len(p) <= int(self.tokenizer.bos_token_id is not None):
+            if len(p) <= len(bos_ids(self.tokenizer)):
                 raise APIError(400, f"`{field}` is empty; send some text.", field)
             if len(p) + max_tokens > self.context_length:
                 raise APIError(

@@ -102,13 +102,14 @@ class IngressDeployment:
     async def _body(self, request: Request, schema):
         self._auth(request)
         limit = self.cfg.max_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            raise APIError(413, f"the request body exceeds {limit} bytes (`serve.max_body_bytes`).")
+        too_big = APIError(413, f"the request body exceeds {limit} bytes (`serve.max_body_bytes`).")
+        if int(request.headers.get("content-length") or 0) > limit:  # declared size: refuse unread
+            raise too_big
         raw = bytearray()
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # chunked bodies declare nothing: count as they come
             raw += chunk
             if len(raw) > limit:
-                raise APIError(413, f"the request body exceeds {limit} bytes (`serve.max_body_bytes`).")
+                raise too_big
         try:
             data = json.loads(raw)
         except ValueError as err:
