@@ -69,21 +69,6 @@ def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, s
         epoch += 1
 
 
-def build_peft_model(base, cfg: ExpertConfig, universal_dir: str | None):
-    """A PEFT model whose only trainable adapter is ``ADAPTER``; a universal LoRA, if given, is frozen below it."""
-    from peft import PeftModel, get_peft_model
-
-    lora = loops.lora_config(cfg)
-    if universal_dir is None:
-        return get_peft_model(base, lora, adapter_name=ADAPTER)
-    model = PeftModel.from_pretrained(base, universal_dir, adapter_name="universal")
-    model.add_adapter(ADAPTER, lora)
-    model.base_model.set_adapter(["universal", ADAPTER])  # marks both trainable; freeze universal below
-    for name, p in model.named_parameters():
-        p.requires_grad = f".{ADAPTER}." in name
-    return model
-
-
 def deepspeed_config(template: dict, cfg: ExpertConfig, world_size: int) -> dict:
     """Fill the ``auto`` fields of a ``configs/deepspeed/*.json`` template from the schema."""
     if cfg.batch_size % world_size:
@@ -97,6 +82,28 @@ def deepspeed_config(template: dict, cfg: ExpertConfig, world_size: int) -> dict
     return ds
 
 
+def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
+    """A DeepSpeed engine over ``model``'s trainable (LoRA) parameters: torch AdamW + warmup/cosine.
+
+    A torch optimizer rather than DeepSpeed's fused/CPU Adam builds, so the same engine runs on
+    GPUs (NCCL) and on CPUs (``DS_ACCELERATOR=cpu``, gloo) without compiling optimizer ops.
+    Expects ``torch.distributed`` to be initialised (Ray Train does it; DeepSpeed joins that group).
+    """
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loops.warmup_cosine(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=trainable,
+        config=deepspeed_config(ds_template, cfg, world_size),
+    )
+    return engine
+
+
 def train_lora_worker(config: dict) -> None:
     """``train_loop_per_worker`` for one LoRA.
 
@@ -104,7 +111,6 @@ def train_lora_worker(config: dict) -> None:
     ``ds_config`` (template), ``universal`` (dir or None), ``name``, ``seed``,
     ``checkpoint_every``, ``log_every``, ``progress`` (a ProgressActor handle or None).
     """
-    import deepspeed
     import ray.train
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,17 +128,9 @@ def train_lora_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])
     tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
     base = AutoModelForCausalLM.from_pretrained(config["base"], dtype=getattr(torch, config["dtype"]))
-    model = build_peft_model(base, cfg, config.get("universal"))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loops.warmup_cosine(cfg))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        model_parameters=trainable,
-        config=deepspeed_config(config["ds_config"], cfg, world),
-    )
+    # DeepSpeed places the model on `device`.
+    model = loops.build_peft_model(base, cfg, config.get("universal"), adapter_name=ADAPTER)
+    engine = make_engine(model, cfg, config["ds_config"], world)
     start = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -197,19 +195,30 @@ def _report_if_finished(checkpoint, rank: int) -> bool:
     return True
 
 
-def save_adapter(engine, model, name: str, final: dict, rank: int) -> None:
-    """Gather (ZeRO-3) and write the PEFT adapter on rank 0; report it as the final checkpoint."""
+def write_adapter(engine, model, directory: str | Path, rank: int) -> Path | None:
+    """Gather the LoRA (ZeRO-3 shards it) and write it as a PEFT adapter on rank 0; its folder, else None.
+
+    Every rank must call this: gathering a ZeRO-3 parameter is a collective.
+    """
     import deepspeed
-    import ray.train
 
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                model.save_pretrained(tmp, selected_adapters=[ADAPTER])
-                src = Path(tmp) / ADAPTER if (Path(tmp) / ADAPTER).is_dir() else Path(tmp)
-                (Path(tmp) / "adapter_path.txt").write_text(os.path.relpath(src, tmp))
-                (Path(tmp) / "summary.json").write_text(json.dumps(final))
-                ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(final)
+        if rank != 0:
+            return None
+        model.save_pretrained(directory, selected_adapters=[ADAPTER])
+    return Path(directory) / ADAPTER if (Path(directory) / ADAPTER).is_dir() else Path(directory)
+
+
+def save_adapter(engine, model, name: str, final: dict, rank: int) -> None:
+    """Write the adapter (:func:`write_adapter`) and report it as the run's final checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_adapter(engine, model, tmp, rank)
+        if src is None:
+            ray.train.report(final)
+            return
+        (Path(tmp) / "adapter_path.txt").write_text(os.path.relpath(src, tmp))
+        (Path(tmp) / "summary.json").write_text(json.dumps(final))
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))

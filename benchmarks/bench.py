@@ -15,7 +15,9 @@ routed throughput and latency against concurrency) on a local Ray: see :mod:`ben
 
 from __future__ import annotations
 
+import copy
 import json
+import platform
 import statistics
 import tempfile
 import time
@@ -34,6 +36,7 @@ class BenchConfig:
     hidden: int = 512
     intermediate: int = 1376
     layers: int = 4
+    heads: int = 8
     vocab: int = 2048
     experts: int = 8
     rank: int = 16
@@ -43,63 +46,85 @@ class BenchConfig:
     prompts: int = 32
     new_tokens: int = 32
     repeats: int = 5
+    device: str = "cpu"
+    dtype: str = "float32"  # the base's; experts stay float32, as PEFT keeps them under a bf16 base
 
     @classmethod
-    def quick(cls) -> BenchConfig:
-        return cls(hidden=256, intermediate=688, layers=2, vocab=512, seq=64, prompts=16, new_tokens=8, repeats=3)
+    def preset(cls, size: str = "default", **over) -> BenchConfig:
+        """``quick`` (CI, under 2 minutes), ``default`` (the issue's sizes), ``large`` (Llama-7B-shaped, for a GPU)."""
+        sizes = {
+            "quick": dict(
+                hidden=256, intermediate=688, layers=2, vocab=512, seq=64, prompts=16, new_tokens=8, repeats=3
+            ),
+            "default": {},
+            "large": dict(hidden=4096, intermediate=11008, layers=4, heads=32, vocab=32000, repeats=20),
+        }
+        if size not in sizes:
+            raise ValueError(f"unknown benchmark size {size!r}; choose from {sorted(sizes)}.")
+        return cls(**(sizes[size] | over))
 
 
 def build(cfg: BenchConfig, root: Path):
+    """``fresh()`` copies of one random base on ``cfg.device``, and ``cfg.experts`` random PEFT adapters on disk."""
     torch.manual_seed(0)
     llama = LlamaConfig(
         vocab_size=cfg.vocab,
         hidden_size=cfg.hidden,
         intermediate_size=cfg.intermediate,
         num_hidden_layers=cfg.layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
         max_position_embeddings=cfg.seq + cfg.new_tokens + 8,
         pad_token_id=0,
     )
-    base_state = LlamaForCausalLM(llama).eval().state_dict()
+    with torch.device(cfg.device):  # initialise where it runs: a 7B-shaped block is slow to init on a CPU
+        base = LlamaForCausalLM(llama).eval()
+    lora = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules="all-linear", init_lora_weights=False)
+    peft = get_peft_model(copy.deepcopy(base), lora, adapter_name="e0")
+    for i in range(1, cfg.experts):
+        peft.add_adapter(f"e{i}", lora)
+    peft.save_pretrained(root)  # no adapter is named "default": each lands in root/<name>
+    del peft
+    base = base.to(getattr(torch, cfg.dtype))
 
     def fresh():
-        model = LlamaForCausalLM(llama).eval()
-        model.load_state_dict(base_state)
-        return model
+        return copy.deepcopy(base)
 
-    adapters = {}
-    for i in range(cfg.experts):
-        peft = get_peft_model(
-            fresh(),
-            LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules="all-linear", init_lora_weights=False),
-        )
-        adapters[f"e{i}"] = str(root / f"e{i}")
-        peft.save_pretrained(adapters[f"e{i}"])
-    return fresh, adapters
+    return fresh, {f"e{i}": str(root / f"e{i}") for i in range(cfg.experts)}
 
 
-def paired(baseline, candidate, repeats: int) -> tuple[float, float, float]:
+def paired(baseline, candidate, repeats: int, sync=lambda: None) -> tuple[float, float, float]:
     """Median times of both and the median of per-pair ``candidate / baseline`` ratios.
 
     The two run alternately, so load that drifts during the benchmark (these machines are
-    shared) hits both sides of each pair instead of biasing one of them.
+    shared) hits both sides of each pair instead of biasing one of them. ``sync`` waits for
+    queued device work (CUDA runs asynchronously) before a clock is read.
     """
-    baseline(), candidate()  # warm-up
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    timed(baseline), timed(candidate)  # warm-up
     tb, tc = [], []
     for _ in range(repeats):
-        for fn, out in ((baseline, tb), (candidate, tc)):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
+        tb.append(timed(baseline))
+        tc.append(timed(candidate))
     return statistics.median(tb), statistics.median(tc), statistics.median(c / b for b, c in zip(tb, tc))
+
+
+def _sync(cfg: BenchConfig):
+    return torch.cuda.synchronize if torch.device(cfg.device).type == "cuda" else (lambda: None)
 
 
 @torch.no_grad()
 def forward_overhead(cfg: BenchConfig, fresh, adapters) -> dict:
     base = fresh()
     mm = MixtureModel.from_adapters(fresh(), adapters, router=None)
-    ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq))
+    ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq), device=cfg.device)
     g = torch.Generator().manual_seed(0)
     weights = torch.zeros(cfg.batch, cfg.experts)
     for row in range(cfg.batch):  # top-k experts per sequence, renormalised
@@ -110,6 +135,7 @@ def forward_overhead(cfg: BenchConfig, fresh, adapters) -> dict:
         lambda: base(input_ids=ids, logits_to_keep=1),
         lambda: mm(input_ids=ids, expert_weights=weights, logits_to_keep=1),
         cfg.repeats,
+        _sync(cfg),
     )
     linears = [(m.in_features, m.out_features) for m in mm.layers.values()]
     dense = sum(i * o for i, o in linears)
@@ -117,7 +143,17 @@ def forward_overhead(cfg: BenchConfig, fresh, adapters) -> dict:
     def extra(k):
         return sum(k * cfg.rank * (i + o) for i, o in linears) / dense
 
-    return {
+    result = {}
+    if cfg.dtype != "float32":  # experts are float32 as saved (as PEFT keeps them); cast to the base dtype too
+        mm.to(getattr(torch, cfg.dtype))
+        _, t_cast, ratio_cast = paired(
+            lambda: base(input_ids=ids, logits_to_keep=1),
+            lambda: mm(input_ids=ids, expert_weights=weights, logits_to_keep=1),
+            cfg.repeats,
+            _sync(cfg),
+        )
+        result = {"mixture_experts_in_base_dtype_s": t_cast, "ratio_experts_in_base_dtype": ratio_cast}
+    return result | {
         "base_s": t_base,
         "mixture_s": t_mix,
         "ratio": ratio,
@@ -132,7 +168,7 @@ def forward_overhead(cfg: BenchConfig, fresh, adapters) -> dict:
 @torch.no_grad()
 def heterogeneous_generation(cfg: BenchConfig, fresh, adapters) -> dict:
     names = list(adapters)
-    prompts = torch.randint(1, cfg.vocab, (cfg.prompts, 16))
+    prompts = torch.randint(1, cfg.vocab, (cfg.prompts, 16), device=cfg.device)
     owner = [names[i % len(names)] for i in range(cfg.prompts)]
     gen = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens, "do_sample": False, "pad_token_id": 0}
     mm = MixtureModel.from_adapters(fresh(), adapters, router=None)
@@ -160,8 +196,8 @@ def heterogeneous_generation(cfg: BenchConfig, fresh, adapters) -> dict:
         mm.generate(input_ids=prompts, expert_weights=weights, **gen),
         peft.generate(input_ids=prompts, adapter_names=owner, **gen),
     )
-    t_mixed, t_mix, ratio_mixed = paired(peft_mixed_batch, loramix_batched, cfg.repeats)
-    t_seq, t_mix_seq, ratio_seq = paired(peft_sequential, loramix_batched, 1)  # set_adapter is slow: one pair
+    t_mixed, t_mix, ratio_mixed = paired(peft_mixed_batch, loramix_batched, cfg.repeats, _sync(cfg))
+    t_seq, t_mix_seq, ratio_seq = paired(peft_sequential, loramix_batched, 1, _sync(cfg))  # slow: one pair
     tokens = cfg.prompts * cfg.new_tokens
     return {
         "tokens": tokens,
@@ -183,8 +219,13 @@ def memory(cfg: BenchConfig, fresh, adapters) -> dict:
     return {"bytes_per_expert": per_expert, "bytes_full_model": model_bytes, "ratio": per_expert / model_bytes}
 
 
-def run(output: str | Path, quick: bool = False, with_ray: bool = False) -> dict:
-    cfg = BenchConfig.quick() if quick else BenchConfig()
+def run(output: str | Path, quick: bool = False, with_ray: bool = False, *, size: str | None = None, **over) -> dict:
+    """Run the sections, write ``bench.json`` + ``bench.png`` to ``output``; ``over``: BenchConfig fields."""
+    cfg = BenchConfig.preset(size or ("quick" if quick else "default"), **over)
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {cfg.device}: this torch sees no CUDA GPU; run on a GPU machine or use --device cpu."
+        )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +233,7 @@ def run(output: str | Path, quick: bool = False, with_ray: bool = False) -> dict
         result = {
             "config": asdict(cfg),
             "torch_threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else platform.processor(),
             "forward_overhead": forward_overhead(cfg, fresh, adapters),
             "heterogeneous_generation": heterogeneous_generation(cfg, fresh, adapters),
             "memory": memory(cfg, fresh, adapters),
@@ -232,7 +274,12 @@ def summary(result: dict) -> str:
             f"forward: mixture/base = {f['ratio']:.2f}x (target <= 1.15x); theoretical extra FLOPs "
             f"{f['theoretical_extra_flops_topk']:.1%} at top-{result['config']['top_k']}, "
             f"{f['theoretical_extra_flops_as_computed']:.1%} as computed "
-            f"({f['experts_active_in_batch']} experts active)",
+            f"({f['experts_active_in_batch']} experts active)"
+            + (
+                f"; experts cast to the base dtype: {f['ratio_experts_in_base_dtype']:.2f}x"
+                if "ratio_experts_in_base_dtype" in f
+                else ""
+            ),
             f"generation: {h['loramix_tok_s']:.0f} tok/s loramix vs {h['peft_set_adapter_tok_s']:.0f} "
             f"PEFT set_adapter "
             f"({h['speedup_vs_set_adapter']:.2f}x, target 3x) vs {h['peft_adapter_names_tok_s']:.0f} "

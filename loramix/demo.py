@@ -33,6 +33,24 @@ def _quiet(desc: str, total: int):
     return lambda metrics, ckpt=None: None
 
 
+def _train_lora(job, optim, examples, cfg, base, tokenizer, path, progress, universal=None) -> dict:
+    """Train one LoRA on a copy of ``base`` and save it (the trained adapter alone) at ``path``."""
+    t = time.perf_counter()
+    it = data.batches(examples, optim.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=optim.steps)
+    model, summary = loops.train_expert(
+        optim, copy.deepcopy(base), it, report=progress(job, optim.steps), universal=universal
+    )
+    model.save_pretrained(path, selected_adapters=["default"])
+    return {
+        "zero_stage": None,
+        "num_workers": 1,
+        "steps": summary["steps"],
+        "final_loss": summary["final_loss"],
+        "seconds": time.perf_counter() - t,
+        "losses": summary["losses"],
+    }
+
+
 def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
     """Run every stage in-process; returns (and writes) the report.
 
@@ -49,37 +67,36 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress=_quiet) -> dict:
     tokenizer = stages.load_tokenizer(base_info)
     train = stages.domain_examples(cfg, tokenizer, "train")
     base = stages.load_base(cfg, base_info)
+    all_examples = [e for ex in train.values() for e in ex]
+    universal = None
+    if cfg.universal.enabled:  # MoDULA: the universal LoRA first; experts train on top of it, frozen
+        universal = str(out / "universal")
+        training["universal"] = _train_lora(
+            "universal", stages.universal_optim(cfg), all_examples, cfg, base, tokenizer, universal, progress
+        )
     adapters = {}
-    jobs = {f"expert/{name}": (cfg.expert, ex) for name, ex in train.items()}
-    jobs["multitask_lora"] = (stages.multitask_optim(cfg), [e for ex in train.values() for e in ex])
-    for job, (optim, examples) in jobs.items():
-        t = time.perf_counter()
-        it = data.batches(examples, optim.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=optim.steps)
-        model, summary = loops.train_expert(optim, copy.deepcopy(base), it, report=progress(job, optim.steps))
-        path = out / job.replace("expert/", "experts/")
-        model.save_pretrained(path)
-        adapters[job] = str(path)
-        timings[job] = time.perf_counter() - t
-        training[job] = {
-            "zero_stage": None,
-            "num_workers": 1,
-            "steps": summary["steps"],
-            "final_loss": summary["final_loss"],
-            "seconds": timings[job],
-            "losses": summary["losses"],
-        }
-    multitask = adapters.pop("multitask_lora")
-    adapters = {job.removeprefix("expert/"): path for job, path in adapters.items()}
+    for name, ex in train.items():
+        adapters[name] = str(out / "experts" / name)
+        training[f"expert/{name}"] = _train_lora(
+            f"expert/{name}", cfg.expert, ex, cfg, base, tokenizer, adapters[name], progress, universal
+        )
+    multitask = str(out / "multitask_lora")
+    training["multitask_lora"] = _train_lora(
+        "multitask_lora", stages.multitask_optim(cfg), all_examples, cfg, base, tokenizer, multitask, progress
+    )
+    timings |= {job: t["seconds"] for job, t in training.items()}
     t = time.perf_counter()
     summary = stages.train_router_stage(
-        cfg, base_info, adapters, out / "artifact", progress("router", cfg.router.steps)
+        cfg, base_info, adapters, out / "artifact", progress("router", cfg.router.steps), universal=universal
     )
     save_serve_config(cfg.serve, out / "artifact")
     training["router"] = summary | {"zero_stage": None, "num_workers": 1}
     timings["router"] = time.perf_counter() - t
     t = time.perf_counter()
     methods = {
-        m: stages.evaluate_method(m, cfg, base_info, adapters, artifact=str(out / "artifact"), multitask=multitask)
+        m: stages.evaluate_method(
+            m, cfg, base_info, adapters, artifact=str(out / "artifact"), multitask=multitask, universal=universal
+        )
         for m in stages.METHODS
     }
     router = methods["mixture"].pop("router")

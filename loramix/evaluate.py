@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from loramix.data import Example, collate
+from loramix.loops import device_of, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +22,10 @@ def exact_match(
     ``model`` is anything with transformers' ``generate(input_ids=, attention_mask=, ...)``:
     a base model, a PEFT model or a :class:`~loramix.model.MixtureModel`.
     """
-    hits = 0
+    hits, device = 0, device_of(model)
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        batch = collate(chunk, tokenizer.pad_token_id, prompt_only=True)
+        batch = to_device(collate(chunk, tokenizer.pad_token_id, prompt_only=True), device)
         longest = max(len(e.input_ids) - e.prompt_len for e in chunk)
         out = model.generate(
             input_ids=batch["input_ids"],
@@ -51,7 +52,7 @@ def completion_loss(
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id)
         logits = forward(batch)[:, :-1].float()
-        labels = batch["labels"][:, 1:]
+        labels = batch["labels"][:, 1:].to(logits.device)
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum", ignore_index=-100)
         total += float(loss)
         count += int((labels != -100).sum())
@@ -73,7 +74,7 @@ def router_confusion(
         if domain not in names:
             continue
         for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i : i + batch_size], pad_id, prompt_only=True)
+            batch = to_device(collate(examples[i : i + batch_size], pad_id, prompt_only=True), device_of(mm))
             picks = mm.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).argmax(-1)
             for j in picks.tolist():
                 confusion[names.index(domain)][j] += 1

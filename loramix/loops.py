@@ -32,6 +32,25 @@ class Stepper(Protocol):
     def lr(self) -> float: ...
 
 
+def accelerator() -> torch.device:
+    """Where in-process stages put their model: the GPU Ray assigned this task (or the first one), else CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_of(model) -> torch.device:
+    """The device of a module's parameters (a wrapper with ``.model`` is looked through)."""
+    for m in (model, getattr(model, "model", None)):
+        if isinstance(m, nn.Module):
+            for p in m.parameters():
+                return p.device
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch's tensors (data loaders build them on the CPU) to ``device``."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def warmup_cosine(cfg: OptimConfig) -> Callable[[int], float]:
     """LR multiplier: linear warmup over ``warmup_ratio * steps``, then cosine to 10%."""
     warmup = max(1, int(cfg.warmup_ratio * cfg.steps))
@@ -87,11 +106,13 @@ def run_steps(
         ``{"steps", "final_loss", "losses", "seconds"}`` (``final_loss``: mean of the last 10 steps).
     """
     model.train()
+    device = device_of(model)
     losses: list[float] = []
     started = time.perf_counter()
     step = start_step
     for step, batch in enumerate(batches, start=start_step + 1):
         t0 = time.perf_counter()
+        batch = to_device(batch, device)
         loss, extra = loss_fn(model, batch)
         stepper.backward(loss)
         grad_norm = stepper.step()
@@ -213,12 +234,32 @@ def lora_config(cfg, *, init_lora_weights: bool = True):
     )
 
 
+def build_peft_model(base, cfg, universal: str | None = None, *, adapter_name: str = "default"):
+    """A PEFT model whose only trainable adapter is ``adapter_name``.
+
+    With a MoDULA ``universal`` LoRA directory, that LoRA is loaded under the new one and frozen:
+    the expert learns what the universal LoRA leaves to it (both active in the forward).
+    """
+    from peft import PeftModel, get_peft_model
+
+    lora = lora_config(cfg)
+    if universal is None:
+        return get_peft_model(base, lora, adapter_name=adapter_name)
+    model = PeftModel.from_pretrained(base, universal, adapter_name="universal")
+    model.add_adapter(adapter_name, lora)
+    model.base_model.set_adapter(["universal", adapter_name])  # marks both trainable; freeze universal below
+    for name, p in model.named_parameters():
+        p.requires_grad = f".{adapter_name}." in name
+    return model
+
+
 def train_expert(
     cfg,
     base_model: nn.Module,
     batches: Iterable[dict],
     *,
     report: Report,
+    universal: str | None = None,
     stepper_factory: Callable[[nn.Module], Stepper] | None = None,
     log_every: int = 10,
 ):
@@ -226,14 +267,14 @@ def train_expert(
 
     Args:
         cfg: an :class:`~loramix.config.ExpertConfig` (rank, alpha, targets, optimizer).
+        universal: a MoDULA universal LoRA directory, frozen under the trained one.
         stepper_factory: builds the optimizer stepper from the PEFT model (DeepSpeed in shells).
 
     Returns:
-        ``(peft_model, summary)``; save with ``peft_model.save_pretrained(dir)``.
+        ``(peft_model, summary)``; save the trained adapter alone with
+        ``peft_model.save_pretrained(dir, selected_adapters=["default"])``.
     """
-    from peft import get_peft_model
-
-    model = get_peft_model(base_model, lora_config(cfg))
+    model = build_peft_model(base_model, cfg, universal)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("expert: %s trainable parameters (rank %d)", f"{n_train:,}", cfg.rank)
     stepper = stepper_factory(model) if stepper_factory else TorchStepper(model.parameters(), cfg)

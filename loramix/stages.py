@@ -57,7 +57,7 @@ def prepare_base(cfg: LoramixConfig, out_dir: str | Path, report=_quiet) -> dict
         num_layers=s.num_layers,
         num_heads=s.num_heads,
         max_length=cfg.data.max_length,
-    )
+    ).to(loops.accelerator())
     if s.pretrain_steps:
         rows = synthetic.make_rows("copy", 20000, seed=cfg.seed)
         examples = data.tokenize_rows(rows, tokenizer, cfg.data.max_length)
@@ -77,9 +77,11 @@ def prepare_base(cfg: LoramixConfig, out_dir: str | Path, report=_quiet) -> dict
 
 
 def load_base(cfg: LoramixConfig, base_info: dict):
+    """The frozen base in ``model.dtype``, on this process's accelerator (a Ray task's GPU) or the CPU."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base_info["base"], dtype=getattr(torch, cfg.model.dtype)).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_info["base"], dtype=getattr(torch, cfg.model.dtype))
+    return base.to(loops.accelerator()).eval()
 
 
 def load_tokenizer(base_info: dict):
@@ -172,21 +174,34 @@ def method_models(
     *,
     artifact: str | None,
     multitask: str | None,
+    universal: str | None = None,
 ):
-    """``domain -> model`` builder for one evaluated method (each model has ``generate`` and ``__call__``)."""
+    """``domain -> model`` builder for one evaluated method (each model has ``generate`` and ``__call__``).
+
+    With a MoDULA ``universal`` LoRA the experts were trained on top of it, so the oracle and the
+    merges keep it under them (the mixture artifact holds it already).
+    """
+    from peft import PeftModel
+
     base = load_base(cfg, base_info)
+    variant = cfg.universal.variant
     if method == "base":
         return lambda d: base
     if method == "oracle":
         return lambda d: _Bound(
-            MixtureModel.from_adapters(copy.deepcopy(base), {d: adapters[d]}, router=None), expert_weights=[1.0]
+            MixtureModel.from_adapters(
+                copy.deepcopy(base), {d: adapters[d]}, router=None, universal=universal, variant=variant
+            ),
+            expert_weights=[1.0],
         )
     if method == "multitask_lora":
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(base, multitask).eval()
         return lambda d: model
     if method in ("merge_linear", "merge_ties"):
+        if universal is not None:
+            if variant == "res":
+                raise ValueError("merging experts is undefined for MoDULA-Res (experts read the universal output).")
+            base = PeftModel.from_pretrained(base, universal).merge_and_unload()
         model = merge_adapters(base, adapters, combination_type=method.removeprefix("merge_"))
         return lambda d: model
     if method == "mixture":
@@ -203,21 +218,30 @@ def evaluate_method(
     *,
     artifact: str | None = None,
     multitask: str | None = None,
+    universal: str | None = None,
 ) -> dict:
     """Exact match and completion loss of one method on every domain's eval split.
 
     For ``mixture`` the result also holds ``router``: accuracy and confusion matrix, scored on
-    the same loaded model and eval prompts.
+    the same loaded model and eval prompts. A method that cannot be built for this run (e.g.
+    PEFT refusing a linear merge of different ranks) gives ``{"error": reason}`` rather than
+    failing the run.
     """
     tokenizer = load_tokenizer(base_info)
     evals = domain_examples(cfg, tokenizer, "eval")
-    build = method_models(method, cfg, base_info, adapters, artifact=artifact, multitask=multitask)
+    try:
+        build = method_models(
+            method, cfg, base_info, adapters, artifact=artifact, multitask=multitask, universal=universal
+        )
+    except ValueError as err:
+        return {"error": str(err)}
     per = {}
     for name, examples in evals.items():
         model = build(name)
         em = evaluate.exact_match(model, examples, tokenizer)
 
         def forward(batch, model=model):
+            batch = loops.to_device(batch, loops.device_of(model))
             # A mixture routes on the prompt only, as it does when generating.
             extra = {"route_mask": loops.prompt_mask(batch)} if _is_mixture(model) else {}
             return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits

@@ -90,7 +90,8 @@ def _add_domain(args) -> int:
 def _bench(args) -> int:
     from benchmarks.bench import run, summary
 
-    result = run(args.output, quick=args.quick, with_ray=args.ray)
+    over = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    result = run(args.output, with_ray=args.ray, size="quick" if args.quick else args.size, **over)
     print(summary(result))
     print(f"\nwrote {args.output}/bench.json and bench.png")
     return 0
@@ -167,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo_data)
     p = sub.add_parser("bench", help="benchmark the mixture against its base and PEFT (ratios, same process)")
     p.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes), as CI runs it")
+    p.add_argument(
+        "--size",
+        choices=["quick", "default", "large"],
+        default="default",
+        help="default: hidden 512 (the targets' sizes); large: Llama-7B-shaped blocks, for a GPU",
+    )
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the base's dtype (default float32)")
     p.add_argument("--ray", action="store_true", help="also training (ZeRO, concurrency) and serving on local Ray")
     p.add_argument("--output", default="out/bench")
     p.set_defaults(func=_bench)

@@ -162,18 +162,22 @@ def eval_stage(
     experts: dict,
     router: dict,
     multitask: dict,
+    universal: dict | None,
     store_root: str,
     digest: str,
 ) -> dict:
     cfg = LoramixConfig.model_validate(cfg_dict)
     t0 = time.perf_counter()
     adapters = {name: r["path"] for name, r in experts.items()}
-    try:
-        result = stages.evaluate_method(
-            method, cfg, base_info, adapters, artifact=router["path"], multitask=multitask["path"]
-        )
-    except ValueError as err:  # e.g. PEFT refusing a linear merge of different ranks: report, don't fail the run
-        result = {"error": str(err)}
+    result = stages.evaluate_method(
+        method,
+        cfg,
+        base_info,
+        adapters,
+        artifact=router["path"],
+        multitask=multitask["path"],
+        universal=universal and universal["path"],
+    )
     result["seconds"] = time.perf_counter() - t0
     StageStore(store_root).mark(f"eval/{method}", digest, result)
     return result
@@ -268,13 +272,15 @@ class Pipeline:
             # Only the mixture's score depends on the router; the baselines keep theirs across recipes.
             upstream = {"mixture": h_router, "multitask_lora": h_multi, "base": h_base}.get(method, h_experts)
             h_eval = fingerprint(
-                "eval", method, upstream, cfg.data.eval_limit, cfg.data.max_length, [data[n][1] for n in names]
-            )
+                "eval", method, upstream, cfg.data.eval_limit, cfg.data.max_length, [data[n][1] for n in names],
+                # Scores of runs with a universal LoRA now keep it under the oracle and merges.
+                *(("universal-under-experts", h_uni) if h_uni else ()),
+            )  # fmt: skip
             evals[f"eval/{method}"] = self._stage(
                 f"eval/{method}",
                 h_eval,
                 lambda m=method, h=h_eval: eval_stage.options(**_resources(cfg)).remote(
-                    m, self.cfg_dict, base, experts_ref, router, multitask, root, h
+                    m, self.cfg_dict, base, experts_ref, router, multitask, universal, root, h
                 ),
             )
         return {

@@ -1,0 +1,249 @@
+"""What a GPU run checks that the CPU test suite cannot: ``python -m benchmarks.device_check --out DIR``.
+
+CI and the test suite run on CPUs only. On a machine with a CUDA GPU this script runs, without Ray:
+
+1. ``pipeline``: every in-process stage body (base, experts, multitask, router, all evaluations)
+   for moa, mole and modula + universal, on the GPU (``loramix demo``'s code path; the same
+   bodies run inside ``loramix run``'s Ray tasks when ``resources.use_gpu`` gives them a GPU);
+2. ``serving``: the serving Engine on that GPU equals ``MixtureModel.generate`` token for token;
+3. ``deepspeed``: the Ray Train worker's DeepSpeed engine on the GPU with NCCL, ZeRO 0/2/3 over
+   a bf16 base: the loss falls, and the ZeRO-3 adapter equals the ZeRO-0 one;
+4. ``bench``: ``loramix bench`` sections at the issue's sizes (fp32, bf16) and Llama-7B-shaped
+   blocks (bf16), each a ratio against a baseline timed alternately in the same process.
+
+Each part is independent (one failing is recorded and the next runs); results go to
+``DIR/device_check.json`` after every part, so a run cut short keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+PARTS = ("pipeline", "serving", "deepspeed", "bench", "profile")
+CUDA = torch.cuda.is_available()  # --dry-run on a CPU exercises the script itself, not the GPU
+
+
+def _reset_peak() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if CUDA else 0.0
+
+
+def tiny_config(root: Path, recipe: str, **over):
+    from loramix.config import build_config
+    from loramix.synthetic import write_demo_data
+
+    info = write_demo_data(root / "data", ["reverse", "rotate", "swap"], train_size=128, eval_size=16)
+    data = {
+        "recipe": recipe,
+        "output": str(root / recipe),
+        "model": {
+            "synthetic": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_layers": 2,
+                "num_heads": 2,
+                "pretrain_steps": 30,
+                "batch_size": 32,
+            }
+        },  # fmt: skip
+        "data": {"max_length": 32, "eval_limit": 16, "domains": info["domains"]},
+        "expert": {"rank": 4, "steps": 20, "batch_size": 16},
+        "router": {"steps": 20, "batch_size": 16, "top_k": 1 if recipe == "moa" else 2},
+    }
+    return build_config(data, [f"{k}={v}" for k, v in over.items()])
+
+
+def pipeline(root: Path) -> dict:
+    from loramix.demo import run_demo
+
+    out = {}
+    for recipe, over in (("moa", {}), ("mole", {}), ("modula", {"universal.enabled": "true"})):
+        _reset_peak()
+        t0 = time.perf_counter()
+        report = run_demo(tiny_config(root, recipe, **over), root / recipe)
+        out[recipe] = {
+            "seconds": time.perf_counter() - t0,
+            "peak_gpu_mib": _peak_mib(),
+            "exact_match": {m: r["avg"]["exact_match"] for m, r in report["methods"].items()},
+            "router_accuracy": report["router"]["accuracy"],
+        }
+        assert out[recipe]["peak_gpu_mib"] > 0 or not CUDA, "the stages ran without touching the GPU"
+    return out
+
+
+def serving(root: Path) -> dict:
+    from loramix.model import MixtureModel
+    from loramix.serving import Engine, GenerationRequest, SamplingParams
+
+    artifact = root / "moa" / "artifact"
+    if not artifact.is_dir():
+        from loramix.synthetic import demo_artifact
+
+        artifact = demo_artifact(root / "serving-artifact")
+    engine = Engine.from_artifact(artifact)
+    device = engine.device
+    assert device.type == ("cuda" if CUDA else "cpu"), device
+    prompts = ["reverse hello=", "rotate world=", "swap abcde=", "reverse xy="]
+    ids = [engine.encode(p) for p in prompts]
+    greedy = engine.complete([GenerationRequest(i, SamplingParams(max_tokens=8)) for i in ids])
+    mm = MixtureModel.from_pretrained(artifact).to(device).eval()
+    same = []
+    for i, c in zip(ids, greedy):
+        ref = mm.generate(input_ids=torch.tensor([i], device=device), max_new_tokens=8, do_sample=False)
+        want = ref[0, len(i) :].tolist()
+        eos = engine.tokenizer.eos_token_id
+        want = want[: want.index(eos) + 1] if eos in want else want
+        same.append(c.token_ids == want[: len(c.token_ids)] and len(c.token_ids) > 0)
+    sampled = engine.complete(
+        [GenerationRequest(i, SamplingParams(max_tokens=8, temperature=0.8, seed=7)) for i in ids] * 2
+    )
+    repeatable = [a.token_ids == b.token_ids for a, b in zip(sampled[: len(ids)], sampled[len(ids) :])]
+    return {"greedy_equals_generate": same, "seeded_sampling_repeats": repeatable,
+            "texts": [c.text for c in greedy]}  # fmt: skip
+
+
+def deepspeed_zero(root: Path, steps: int = 30) -> dict:
+    """The worker's engine (actors.lora_worker.make_engine) on one GPU over NCCL, ZeRO 0/2/3."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from actors.lora_worker import DeepSpeedStepper, make_engine, write_adapter
+    from loramix import data, loops, synthetic
+    from loramix.config import ExpertConfig
+    from pipelines.train import deepspeed_template
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if CUDA:
+        torch.cuda.set_device(0)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
+    tokenizer = synthetic.build_tokenizer()
+    torch.manual_seed(0)
+    base = synthetic.build_base(tokenizer, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4)
+    base = base.to(torch.bfloat16)
+    rows = data.tokenize_rows(synthetic.make_rows("reverse", 512, seed=0), tokenizer, 32)
+    cfg = ExpertConfig(rank=8, alpha=16, steps=steps, batch_size=16, lr=2e-3)
+    out = {"backend": dist.get_backend()}
+    for stage in (0, 2, 3):
+        torch.manual_seed(0)
+        model = loops.build_peft_model(copy.deepcopy(base), cfg, adapter_name="expert")
+        engine = make_engine(model, cfg, deepspeed_template(stage), 1)
+        _reset_peak()
+        it = data.batches(rows, cfg.batch_size, tokenizer.pad_token_id, seed=0, steps=steps)
+        summary = loops.run_steps(engine, it, loops.lm_loss, DeepSpeedStepper(engine), report=lambda m, c=None: None)
+        adapter = write_adapter(engine, model, root / f"zero{stage}", 0)
+        out[f"zero{stage}"] = {
+            "device": str(engine.device),
+            "first_loss": summary["losses"][0],
+            "final_loss": summary["final_loss"],
+            "ms_per_step": 1e3 * summary["seconds"] / steps,
+            "peak_gpu_mib": _peak_mib(),
+            "adapter": str(adapter / "adapter_model.safetensors"),
+        }
+        del engine, model
+    ref = load_file(out["zero0"]["adapter"])
+    for stage in (2, 3):
+        got = load_file(out[f"zero{stage}"]["adapter"])
+        assert got.keys() == ref.keys() and ref, "adapters differ in keys or are empty"
+        out[f"zero{stage}"]["max_rel_diff_vs_zero0"] = max(
+            float((got[k].float() - ref[k].float()).norm() / ref[k].float().norm().clamp_min(1e-12)) for k in ref
+        )
+    return out
+
+
+def bench(root: Path) -> dict:
+    from benchmarks.bench import run, summary
+
+    out = {}
+    for name, size, dtype in (("default_fp32", "default", "float32"), ("default_bf16", "default", "bfloat16"),
+                              ("large_bf16", "large", "bfloat16")):  # fmt: skip
+        size = size if CUDA else "quick"
+        result = run(root / name, size=size, device="cuda" if CUDA else "cpu", dtype=dtype)
+        out[name] = result
+        print(f"--- bench {name}\n{summary(result)}", flush=True)
+    return out
+
+
+def profile(root: Path) -> dict:
+    """Where the mixture's extra forward time goes: kernel counts and the top kernels, base vs mixture."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from benchmarks.bench import BenchConfig, build
+    from loramix import MixtureModel
+
+    out = {}
+    for size in ("default", "large"):
+        cfg = BenchConfig.preset(size if CUDA else "quick", device="cuda" if CUDA else "cpu", dtype="bfloat16")
+        fresh, adapters = build(cfg, root / f"profile-{size}")
+        mm = MixtureModel.from_adapters(fresh(), adapters, router=None).to(torch.bfloat16)
+        ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq), device=cfg.device)
+        weights = torch.zeros(cfg.batch, cfg.experts)
+        for row in range(cfg.batch):
+            weights[row, [row % cfg.experts, (row + 3) % cfg.experts]] = 0.5
+        activity = ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU
+        key = "self_device_time_total" if CUDA else "self_cpu_time_total"
+        for name, model, kw in (("base", fresh(), {}), ("mixture", mm, {"expert_weights": weights})):
+            with torch.no_grad():
+                for _ in range(2):
+                    model(input_ids=ids, logits_to_keep=1, **kw)
+                with torch_profile(activities=[activity]) as prof:
+                    model(input_ids=ids, logits_to_keep=1, **kw)
+                    if CUDA:
+                        torch.cuda.synchronize()
+            events = prof.key_averages()
+            out[f"{size}/{name}"] = {
+                "kernels": sum(e.count for e in events if getattr(e, key) > 0),
+                "device_ms": sum(getattr(e, key) for e in events) / 1e3,
+            }
+            print(f"--- profile {size}/{name}: {out[f'{size}/{name}']}", flush=True)
+            print(events.table(sort_by=key, row_limit=12), flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--dry-run", action="store_true", help="run on the CPU (small sizes) to test the script")
+    args = parser.parse_args()
+    if not CUDA and not args.dry_run:
+        parser.error("this check needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run runs it on CPU.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import peft
+    import transformers
+
+    results = {"env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft.__version__, "gpu": torch.cuda.get_device_name() if CUDA else None}}  # fmt: skip
+    funcs = {"pipeline": pipeline, "serving": serving, "deepspeed": deepspeed_zero, "bench": bench, "profile": profile}
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in args.parts:
+            t0 = time.perf_counter()
+            try:
+                results[part] = {"ok": True, **funcs[part](Path(tmp))}
+            except Exception as err:  # record and go on: the next part may still tell us something
+                results[part] = {"ok": False, "error": repr(err), "traceback": traceback.format_exc()}
+                traceback.print_exc()
+            results[part]["part_seconds"] = time.perf_counter() - t0
+            print(f"=== {part}: {'ok' if results[part]['ok'] else 'FAILED'} in {results[part]['part_seconds']:.0f}s",
+                  flush=True)  # fmt: skip
+            (out / "device_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0 if all(results[p]["ok"] for p in args.parts) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
