@@ -25,6 +25,7 @@ from loramix.data import pad_left
 logger = logging.getLogger(__name__)
 
 ADAPTER = "expert"  # PEFT adapter name inside the worker; the directory name is the domain
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 class DeepSpeedStepper:
@@ -67,6 +68,14 @@ def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, s
             if done >= steps:
                 return
         epoch += 1
+
+
+def deepspeed_template(stage: int) -> dict:
+    """``configs/deepspeed/zero<stage>.json``, with ``auto`` fields for :func:`deepspeed_config`."""
+    path = DEEPSPEED_DIR / f"zero{stage}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {str(path)!r} is missing; `train.zero_stage` must be 0-3.")
+    return json.loads(path.read_text())
 
 
 def deepspeed_config(template: dict, cfg: ExpertConfig, world_size: int) -> dict:

@@ -98,21 +98,22 @@ def serving(root: Path) -> dict:
     assert device.type == ("cuda" if CUDA else "cpu"), device
     prompts = ["reverse hello=", "rotate world=", "swap abcde=", "reverse xy="]
     ids = [engine.encode(p) for p in prompts]
-    greedy = engine.complete([GenerationRequest(i, SamplingParams(max_tokens=8)) for i in ids])
     mm = MixtureModel.from_pretrained(artifact).to(device).eval()
-    same = []
-    for i, c in zip(ids, greedy):
+    same, eos = [], engine.tokenizer.eos_token_id
+    for i in ids:  # one request at a time: the reference decodes the same unpadded prompt
+        (c,) = engine.complete([GenerationRequest(i, SamplingParams(max_tokens=8))])
         ref = mm.generate(input_ids=torch.tensor([i], device=device), max_new_tokens=8, do_sample=False)
         want = ref[0, len(i) :].tolist()
-        eos = engine.tokenizer.eos_token_id
-        want = want[: want.index(eos) + 1] if eos in want else want
-        same.append(c.token_ids == want[: len(c.token_ids)] and len(c.token_ids) > 0)
+        want = want[: want.index(eos)] if eos in want else want  # the Engine ends at EOS without it
+        same.append(c.token_ids == want)
+    batched = engine.complete([GenerationRequest(i, SamplingParams(max_tokens=8)) for i in ids])
     sampled = engine.complete(
         [GenerationRequest(i, SamplingParams(max_tokens=8, temperature=0.8, seed=7)) for i in ids] * 2
     )
     repeatable = [a.token_ids == b.token_ids for a, b in zip(sampled[: len(ids)], sampled[len(ids) :])]
+    assert all(same) and all(repeatable), (same, repeatable)
     return {"greedy_equals_generate": same, "seeded_sampling_repeats": repeatable,
-            "texts": [c.text for c in greedy]}  # fmt: skip
+            "batched_texts": [c.text for c in batched]}  # fmt: skip
 
 
 def deepspeed_zero(root: Path, steps: int = 30) -> dict:
@@ -120,10 +121,9 @@ def deepspeed_zero(root: Path, steps: int = 30) -> dict:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from actors.lora_worker import DeepSpeedStepper, make_engine, write_adapter
+    from actors.lora_worker import DeepSpeedStepper, deepspeed_template, make_engine, write_adapter
     from loramix import data, loops, synthetic
     from loramix.config import ExpertConfig
-    from pipelines.train import deepspeed_template
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if CUDA:
@@ -164,12 +164,16 @@ def deepspeed_zero(root: Path, steps: int = 30) -> dict:
     return out
 
 
-def bench(root: Path) -> dict:
+BENCHES = {"default_fp32": ("default", "float32"), "default_bf16": ("default", "bfloat16"),
+           "large_bf16": ("large", "bfloat16")}  # fmt: skip
+
+
+def bench(root: Path, names=tuple(BENCHES)) -> dict:
     from benchmarks.bench import run, summary
 
     out = {}
-    for name, size, dtype in (("default_fp32", "default", "float32"), ("default_bf16", "default", "bfloat16"),
-                              ("large_bf16", "large", "bfloat16")):  # fmt: skip
+    for name in names:
+        size, dtype = BENCHES[name]
         size = size if CUDA else "quick"
         result = run(root / name, size=size, device="cuda" if CUDA else "cpu", dtype=dtype)
         out[name] = result
@@ -218,6 +222,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--bench", nargs="*", default=list(BENCHES), choices=list(BENCHES), help="bench configs")
     parser.add_argument("--dry-run", action="store_true", help="run on the CPU (small sizes) to test the script")
     args = parser.parse_args()
     if not CUDA and not args.dry_run:
@@ -234,7 +239,8 @@ def main() -> int:
         for part in args.parts:
             t0 = time.perf_counter()
             try:
-                results[part] = {"ok": True, **funcs[part](Path(tmp))}
+                kwargs = {"names": args.bench} if part == "bench" else {}
+                results[part] = {"ok": True, **funcs[part](Path(tmp), **kwargs)}
             except Exception as err:  # record and go on: the next part may still tell us something
                 results[part] = {"ok": False, "error": repr(err), "traceback": traceback.format_exc()}
                 traceback.print_exc()

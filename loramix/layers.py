@@ -13,6 +13,10 @@ is expanded to its ranks and folded in between (``(x A^T) * gate_per_rank) B^T``
 per sequence ``[batch, E]`` or per token ``[batch, seq, E]``; experts whose gate is zero for the
 whole batch are sliced out before the matmuls. Experts are frozen (``requires_grad=False``):
 they are trained elsewhere (PEFT / Ray Train); a mixture trains only its router.
+
+Experts keep the dtype they were saved in (float32 under a bf16 base, as PEFT keeps them) and
+compute in the activations' dtype, as serving systems do: a cached cast, so a bf16 forward pays
+no casts of activations and the expert output accumulates into the base output inside the GEMM.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ logger = logging.getLogger(__name__)
 # Below this many tokens per row (decoding steps), gathering each row's experts costs more memory
 # traffic than running the batch's union of experts as two plain GEMMs.
 PER_ROW_MIN_TOKENS = 8
+# On a GPU a rank-R LoRA GEMM beside a d x d base GEMM costs launches, not FLOPs: up to this many
+# ranks in total, every expert runs (gates zero the unused ones) as 3 kernels with no per-call
+# slicing or gathering. Past it (or on a CPU, where FLOPs are the cost) inactive experts are sliced
+# out and rows gather their own top-k.
+GPU_ALL_RANKS_MAX = 256
 
 
 class Routing:
@@ -134,7 +143,10 @@ class MixtureLinear(nn.Module):
         self.key, self.block, self.variant = key, block, variant
         object.__setattr__(self, "routing", routing)  # shared state, deliberately not a submodule
         self._slices: dict[tuple[bool, ...], torch.Tensor] = {}
-        self._pad_cache: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        self._pad_cache: tuple[tuple, torch.Tensor, torch.Tensor, int] | None = None
+        self._casts: dict[tuple[str, torch.dtype], tuple[int, torch.Tensor]] = {}
+        # Layers whose ranks belong to the same experts with the same scales share rank gates.
+        self._layout = (tuple(expert_of_rank.tolist()), tuple(scale_of_rank.tolist()))
 
     @property
     def in_features(self) -> int:
@@ -154,74 +166,101 @@ class MixtureLinear(nn.Module):
             idx = self._slices[active] = keep.nonzero().flatten()
         return idx
 
+    def _weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter ``name`` in ``dtype``: itself, or a cached cast (renewed if the parameter changes)."""
+        p = getattr(self, name)
+        if p.dtype == dtype:
+            return p
+        hit = self._casts.get((name, dtype))
+        if hit is None or hit[0] != p._version or hit[1].device != p.device:
+            hit = self._casts[(name, dtype)] = (p._version, p.detach().to(dtype))
+        return hit[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         routing = self.routing
         if routing.disabled:
             return y
+        if not y.is_contiguous():  # expert outputs accumulate into y in place
+            y = y.contiguous()
+        dtype = x.dtype
         z = x
         if self.universal_A is not None:
-            uA = self.universal_A
-            h = (F.linear(F.linear(x.to(uA.dtype), uA), self.universal_B) * self.universal_scale).to(y.dtype)
+            uA, uB = self._weight("universal_A", dtype), self._weight("universal_B", dtype)
+            h = (F.linear(F.linear(x, uA), uB) * self.universal_scale).to(y.dtype)
             y = y + h
             if self.variant == "res":
-                z = h
+                z = h.to(dtype)
         gates = routing.gates_for(self, x)  # None, [batch, E] or [batch, seq, E]
         if gates is None or self.lora_A.shape[0] == 0:
             return y
-        per_row = gates.dim() == 2 and routing.row_experts is not None and x.dim() == 3
+        all_ranks = self._runs_all_ranks(x)
+        per_row = gates.dim() == 2 and routing.row_experts is not None and x.dim() == 3 and not all_ranks
         if per_row and x.shape[1] >= PER_ROW_MIN_TOKENS:
             return self._per_row(y, z, routing, gates.shape[-1])
-        prepared = self._prepare(gates, routing, x.dim())
+        prepared = self._prepare(gates, routing, x, all_ranks)
         if prepared is None:
             return y
         A, B, rank_gates = prepared
-        t = F.linear(z.to(A.dtype), A)  # [batch, seq, R]
+        t = F.linear(z, A)  # [batch, seq, R]
         if self.variant == "res":
             t = F.silu(t)
         t = t * rank_gates
         if y.dtype != B.dtype:
             return y + F.linear(t, B).to(y.dtype)
-        # y + t B^T in one GEMM pass (beta = 1): no second sweep over the [tokens, d_out] output.
-        return torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), B.t()).view(y.shape)
+        # y += t B^T inside the GEMM (beta = 1). In place: y is this layer's fresh base output (and
+        # linear's backward does not need it); out of place the GEMM would first copy y.
+        y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), B.t())
+        return y
 
-    def _prepare(self, gates: torch.Tensor, routing: Routing, x_dim: int):
-        """``(A, B, rank_gates)`` over the active experts' ranks, or None if none is active.
+    def _runs_all_ranks(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and self.lora_A.shape[0] <= GPU_ALL_RANKS_MAX
+
+    def _prepare(self, gates: torch.Tensor, routing: Routing, x: torch.Tensor, all_ranks: bool):
+        """``(A, B, rank_gates)`` over the ranks to run, in ``x``'s dtype, or None if no expert is active.
 
         With static weights (``routing.weights``: generation, explicit weights) the result is the
-        same for every call until the weights change, so it is kept in ``routing.prepared``.
+        same for every call until the weights change, so it is kept in ``routing.prepared``; the
+        rank gates are also shared by every layer with the same expert layout.
         """
         static = gates.dim() == 2 and routing.weights is not None
-        key = (id(self), gates.shape[0])
+        key = (id(self), gates.shape[0], x.dtype)
         if static and key in routing.prepared:
             return routing.prepared[key]
-        A, B, owner, scale = self.lora_A, self.lora_B, self.expert_of_rank, self.scale_of_rank
-        idx = self._active_ranks(routing.active) if gates.dim() == 2 else None
+        A, B = self._weight("lora_A", x.dtype), self._weight("lora_B", x.dtype)
+        owner, scale = self.expert_of_rank, self.scale_of_rank
+        idx = self._active_ranks(routing.active) if gates.dim() == 2 and not all_ranks else None
         if idx is not None:
             if idx.numel() == 0:
                 return None
             A, B, owner, scale = A[idx], B[:, idx], owner[idx], scale[idx]
-        rank_gates = (gates[..., owner].float() * scale).to(A.dtype)  # [batch, (seq,) R]
-        if rank_gates.dim() == 2:  # per sequence: broadcast over every token position
-            rank_gates = rank_gates.view(rank_gates.shape[0], *([1] * (x_dim - 2)), -1)
+        gate_key = ("gates", self._layout, idx is None, gates.shape[0], x.dtype, x.device, x.dim())
+        rank_gates = routing.prepared.get(gate_key) if static else None
+        if rank_gates is None:
+            rank_gates = (gates[..., owner].float() * scale).to(x.dtype)  # [batch, (seq,) R]
+            if rank_gates.dim() == 2:  # per sequence: broadcast over every token position
+                rank_gates = rank_gates.view(rank_gates.shape[0], *([1] * (x.dim() - 2)), -1)
+            if static:
+                routing.prepared[gate_key] = rank_gates
         if static:
             routing.prepared[key] = (A, B, rank_gates)
         return A, B, rank_gates
 
-    def _padded(self, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Per-expert stacks ``A [E, r_max, d_in]`` and ``s*B^T [E, r_max, d_out]``, zero-padded (cached)."""
-        cached = self._pad_cache
-        if cached is not None and cached[0].shape[0] == n_experts and cached[0].device == self.lora_A.device:
-            return cached
+    def _padded(self, n_experts: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-expert ``A [E, r_max, d_in]`` and ``s*B^T [E, r_max, d_out]`` in ``dtype``, zero-padded (cached)."""
+        A_src, B_src = self.lora_A, self.lora_B
+        key = (n_experts, dtype, A_src.device, A_src._version, B_src._version)
+        if self._pad_cache is not None and self._pad_cache[0] == key:
+            return self._pad_cache[1:]
         r_max = int(torch.bincount(self.expert_of_rank, minlength=n_experts).max())
-        A = self.lora_A.new_zeros(n_experts, r_max, self.lora_A.shape[1])
-        Bt = self.lora_B.new_zeros(n_experts, r_max, self.lora_B.shape[0])
+        A = A_src.new_zeros(n_experts, r_max, A_src.shape[1], dtype=dtype)
+        Bt = B_src.new_zeros(n_experts, r_max, B_src.shape[0], dtype=dtype)
         for e in range(n_experts):
             idx = (self.expert_of_rank == e).nonzero().flatten()
-            A[e, : len(idx)] = self.lora_A[idx]
-            Bt[e, : len(idx)] = (self.lora_B[:, idx] * self.scale_of_rank[idx].to(self.lora_B.dtype)).T
-        self._pad_cache = (A, Bt, r_max)
-        return self._pad_cache
+            A[e, : len(idx)] = A_src[idx]
+            Bt[e, : len(idx)] = (B_src[:, idx] * self.scale_of_rank[idx].to(B_src.dtype)).T
+        self._pad_cache = (key, A, Bt, r_max)
+        return A, Bt, r_max
 
     def _per_row(self, y: torch.Tensor, z: torch.Tensor, routing: Routing, n_experts: int) -> torch.Tensor:
         """``y`` plus each row's own k experts: two batched GEMMs of rank ``k * r_max``.
@@ -229,18 +268,18 @@ class MixtureLinear(nn.Module):
         Punica/S-LoRA style: with top-k routing over many experts, the union of a batch's experts
         (the concatenated path) costs every row all of them; this costs each row its k.
         """
-        A_pad, Bt_pad, r = self._padded(n_experts)
+        A_pad, Bt_pad, r = self._padded(n_experts, z.dtype)
         idx = expand_batch(routing.row_experts, z.shape[0])  # [batch, k]
         gates = expand_batch(routing.row_gates, z.shape[0])  # [batch, k]
         b, k = idx.shape
-        t = torch.bmm(z.to(A_pad.dtype), A_pad[idx].reshape(b, k * r, -1).transpose(1, 2))  # [batch, seq, k*r]
+        t = torch.bmm(z, A_pad[idx].view(b, k * r, -1).transpose(1, 2))  # [batch, seq, k*r]
         if self.variant == "res":
             t = F.silu(t)
-        t = t * gates.to(t.dtype).repeat_interleave(r, dim=-1)[:, None, :]
-        Bt = Bt_pad[idx].reshape(b, k * r, -1)
+        t = (t.view(b, -1, k, r) * gates.to(t.dtype)[:, None, :, None]).view(b, -1, k * r)
+        Bt = Bt_pad[idx].view(b, k * r, -1)
         if y.dtype != Bt.dtype:
             return y + torch.bmm(t, Bt).to(y.dtype)
-        return torch.baddbmm(y, t, Bt)  # y + t Bt in one pass, [batch, seq, d_out]
+        return y.baddbmm_(t, Bt)  # y += t Bt inside the GEMM, as in forward
 
     def expert_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A_i, B_i)`` of expert ``i`` on this module, or None if it does not adapt it."""

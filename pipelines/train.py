@@ -15,11 +15,9 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from actors.lora_worker import train_lora_worker
+from actors.lora_worker import deepspeed_template, train_lora_worker
 from loramix.artifact import atomic_dir
 from loramix.config import ExpertConfig, LoramixConfig
-
-DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def scaling_config(cfg: LoramixConfig) -> ScalingConfig:
@@ -40,13 +38,6 @@ def run_config(cfg: LoramixConfig, output: Path, name: str) -> RunConfig:
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env=env,
     )
-
-
-def deepspeed_template(stage: int) -> dict:
-    path = DEEPSPEED_DIR / f"zero{stage}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {str(path)!r} is missing; `train.zero_stage` must be 0-3.")
-    return json.loads(path.read_text())
 
 
 def fit_lora(

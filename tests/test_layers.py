@@ -118,3 +118,72 @@ def test_per_row_path_equals_union_path(seq, per_row, monkeypatch):
     assert bool(calls) == per_row
     routing.set_weights(torch.full((4, 4), 0.25))  # every row uses every expert: concatenated path
     assert routing.row_experts is None
+
+
+def test_bf16_activations_compute_in_bf16_with_float32_experts():
+    """A bf16 base keeps float32 experts (saved losslessly) but computes them in bf16: both
+    paths stay within bf16 rounding of the float32 result, and the cast is cached per dtype."""
+    layer, routing, A, B = make_layer(ranks=(2, 3, 4, 2))
+    x = torch.randn(4, 12, 10)
+    w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    routing.set_weights(w)
+    want = layer(x)
+    layer.base_layer.to(torch.bfloat16)
+    for seq in (12, 1):  # per-row path, then the union path of decoding steps
+        routing.set_weights(w)
+        got = layer(x[:, :seq].bfloat16())
+        assert got.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+        assert_close(got.float(), want[:, :seq], atol=0.1 * want.abs().max().item())
+    assert ("lora_A", torch.bfloat16) in layer._casts
+
+
+def test_cached_casts_follow_in_place_changes():
+    layer, routing, A, B = make_layer()
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 2, 10).bfloat16()
+    routing.set_weights(torch.full((3, 3), 1 / 3))
+    before = layer(x) - layer.base_layer(x)
+    with torch.no_grad():
+        layer.lora_B.mul_(2.0)  # e.g. load_state_dict into a mixture that already ran
+    routing.set_weights(torch.full((3, 3), 1 / 3))
+    after = layer(x) - layer.base_layer(x)
+    assert_close(after.float(), 2 * before.float(), atol=0.05 * before.abs().max().item())
+
+
+def test_all_ranks_path_shares_rank_gates_and_equals_dense(monkeypatch):
+    """The GPU path runs every expert's ranks with zero gates for unused ones (no slicing, no
+    per-row gathers) and computes the rank gates once for all layers of the same layout."""
+    monkeypatch.setattr(MixtureLinear, "_runs_all_ranks", lambda self, x: True)
+    monkeypatch.setattr(MixtureLinear, "_per_row", lambda *a: pytest.fail("per-row path taken"))
+    layer, routing, A, B = make_layer(ranks=(2, 3, 4, 2))
+    twin, _, A2, B2 = make_layer(ranks=(2, 3, 4, 2), seed=1)
+    object.__setattr__(twin, "routing", routing)
+    x = torch.randn(4, 12, 10)
+    w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    routing.set_weights(w)
+    for lay, a, b in ((layer, A, B), (twin, A2, B2)):
+        want = lay.base_layer(x) + sum(w[:, i, None, None] * expert_out(lay, a, b, i, x) for i in range(4))
+        assert_close(lay(x), want, atol=1e-4)
+    assert sum(1 for k in routing.prepared if k[0] == "gates") == 1
+    assert routing.prepared[(id(layer), 4, torch.float32)][0].shape[0] == 11  # all ranks, none sliced
+
+
+def test_gate_gradients_through_in_place_accumulation():
+    """Expert outputs are added into the base output in place; gradients to the gates (what a
+    router trains on) and to the input must equal the dense formula's."""
+    layer, routing, A, B = make_layer()
+    x = torch.randn(2, 6, 10, requires_grad=True)
+    gates = torch.rand(2, 6, 3, requires_grad=True)
+
+    class Fixed:
+        def layer_gates(self, routing, layer, x):
+            return gates
+
+    routing.router = Fixed()
+    layer(x).pow(2).sum().backward()
+    got = gates.grad.clone(), x.grad.clone()
+    gates.grad = x.grad = None
+    want = layer.base_layer(x) + sum(gates[..., i : i + 1] * expert_out(layer, A, B, i, x) for i in range(3))
+    want.pow(2).sum().backward()
+    assert_close(got[0], gates.grad, atol=1e-3)
+    assert_close(got[1], x.grad, atol=1e-3)
