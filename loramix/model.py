@@ -134,13 +134,15 @@ class MixtureModel(nn.Module):
         return w
 
     @contextmanager
-    def _routed(self, input_ids, attention_mask, expert_weights, *, freeze: bool) -> Iterator[Routing]:
+    def _routed(
+        self, input_ids, attention_mask, expert_weights, *, freeze: bool, record: bool = True
+    ) -> Iterator[Routing]:
         routing = self.routing
         routing.reset()
         try:
             routing.pool_mask = attention_mask
             routing.freeze = freeze
-            routing.record = None if freeze else []
+            routing.record = [] if record else None
             if expert_weights is not None:
                 routing.set_weights(self.check_expert_weights(expert_weights, input_ids.shape[0]))
             elif self.router is None:
@@ -218,12 +220,22 @@ class MixtureModel(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
             )
 
-    def decoding(self, input_ids, attention_mask, expert_weights=None):
+    def decoding(self, input_ids, attention_mask, expert_weights=None, *, record_route: bool = False):
         """Context in which ``base_model`` calls (prefill, then one token at a time with a KV cache)
         decode as the mixture: routes are decided on the prompt (sequence/block routers) or per
         token (token routers), or fixed by ``expert_weights`` ``[batch, E]``. Custom decode
-        loops (:mod:`loramix.serving`) run inside it; :meth:`generate` uses it too."""
-        return self._routed(input_ids, attention_mask, expert_weights, freeze=True)
+        loops (:mod:`loramix.serving`) run inside it; :meth:`generate` uses it too.
+
+        ``record_route``: keep the gates of the prompt's forward for :meth:`take_route`.
+        """
+        return self._routed(input_ids, attention_mask, expert_weights, freeze=True, record=record_route)
+
+    def take_route(self, attention_mask) -> torch.Tensor | None:
+        """Inside ``decoding(record_route=True)``, after the prompt's forward: the mean gates
+        ``[batch, E]`` the router gave each prompt (as :meth:`route` reports them), then stop
+        recording. Saves block/token routers a second prompt forward just to report the route."""
+        record, self.routing.record = self.routing.record, None
+        return summarize_gates(record, attention_mask)
 
     def mask_experts(self, names: Sequence[str] = ()) -> None:
         """Exclude experts from routing (MoLE-style); the remaining gates renormalise. ``()`` unmasks."""

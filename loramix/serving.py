@@ -232,7 +232,7 @@ class Engine:
         return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def _groups(self, requests):
-        """Rows that can decode in one batch: ``(row indices, weights [b, E] or None, routes)``.
+        """Rows that can decode in one batch: ``(row indices, weights [b, E] or None, routes or None)``.
 
         Sequence routers are fixed per prompt, so routed rows join explicit-weight rows as weights.
         Block and token routers decide inside the forward; their routed rows decode as their own batch.
@@ -244,27 +244,33 @@ class Engine:
         explicit = [i for i in every if requests[i].expert_weights is not None]
         routed = [i for i in every if requests[i].expert_weights is None]
         weights = {i: list(map(float, requests[i].expert_weights)) for i in explicit}
-        if routed:
+        if routed and self.mixture.router.granularity == "sequence":
             for i, w in zip(routed, self.route([requests[i].prompt_ids for i in routed])):
                 weights[i] = w
-        if not routed or self.mixture.router.granularity == "sequence":
+            routed = []
+        if not routed:
             yield every, torch.tensor([weights[i] for i in every]), [weights[i] for i in every]
             return
         if explicit:
             yield explicit, torch.tensor([weights[i] for i in explicit]), [weights[i] for i in explicit]
-        yield routed, None, [weights[i] for i in routed]
+        yield routed, None, None  # routes come from the prompt's own forward (see _decode)
 
     @torch.inference_mode()
     def _decode(self, requests, weights, routes) -> Iterator[list[Delta | None]]:
         batch = self._pad([r.prompt_ids for r in requests])
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        rows = [_Row(r, self.tokenizer, route) for r, route in zip(requests, routes)]
         gens = [_generator(r.params.seed) for r in requests]
-        routing = nullcontext() if self.mixture is None else self.mixture.decoding(ids, mask, weights)
+        record = self.mixture is not None and routes is None  # block/token routers decide in the forward
+        routing = (
+            nullcontext() if self.mixture is None else self.mixture.decoding(ids, mask, weights, record_route=record)
+        )
         with routing:
             out = self.lm(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
             )
+            if record:
+                routes = self.mixture.take_route(mask).tolist()
+            rows = [_Row(r, self.tokenizer, route) for r, route in zip(requests, routes)]
             for _ in range(max(r.params.max_tokens for r in requests)):
                 tokens = _sample(out.logits[:, -1].float(), requests, gens)  # [batch]
                 yield [row.push(t) for row, t in zip(rows, tokens.tolist())]

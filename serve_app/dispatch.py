@@ -8,7 +8,9 @@ Dispatch rules:
 - **routed** topology: a pinned expert goes straight to that expert's own (merged) replicas;
   explicit weights go to the fused replicas; otherwise the router deployment scores the
   prompt and a top-1 weight >= ``serve.route_threshold`` sends it to that expert's replicas,
-  anything less confident to the fused replicas.
+  anything less confident to the fused replicas. A sequence router's (MoA) weights go with it,
+  so the fused replica decodes with them instead of routing the prompt a second time; block and
+  token routers (MoLE, MoDULA) decide inside the forward, so the fused replica routes again.
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ class Plan:
 
 
 class Dispatcher:
-    def __init__(self, cfg: ServeConfig, expert_names, tokenizer, context_length, fused, router, experts):
+    def __init__(
+        self, cfg: ServeConfig, expert_names, tokenizer, context_length, fused, router, experts, *,
+        sequence_router: bool = False,
+    ):  # fmt: skip
         self.cfg, self.expert_names, self.tokenizer = cfg, list(expert_names), tokenizer
         self.context_length = context_length
         self.fused, self.router, self.experts = fused, router, experts
+        self.sequence_router = sequence_router  # its route is a fixed weight vector per prompt
 
     # ----------------------------------------------------------------------------- validation
     def encode(self, text: str) -> list[int]:
@@ -142,7 +148,7 @@ class Dispatcher:
         if route[top] >= self.cfg.route_threshold:
             name = self.expert_names[top]
             return self.experts[name], f"expert:{name}", None, route
-        return self.fused, "fused", None, route
+        return self.fused, "fused", route if self.sequence_router else None, route
 
     async def deltas(self, plan: Plan):
         """Stream the plan's output: dicts ``{text, token_ids, finish_reason, route?}``."""

@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve import metrics
 
 from loramix.checkpoint import read_manifest
+from loramix.routers import ROUTERS
 from loramix.serve_config import ServeConfig
 from serve_app.dispatch import Dispatcher, Plan
 from serve_app.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse
@@ -77,9 +78,11 @@ class IngressDeployment:
         manifest = read_manifest(artifact)
         self.tokenizer = AutoTokenizer.from_pretrained(Path(artifact) / "tokenizer")
         base_config = AutoConfig.from_pretrained(resolve_base(manifest["base_model"], Path(artifact)))
+        recipe = (manifest.get("router") or {}).get("recipe")
         self.dispatcher = Dispatcher(
             self.cfg, manifest["expert_names"], self.tokenizer, base_config.max_position_embeddings,
             fused, router, experts or {},
+            sequence_router=recipe is not None and ROUTERS[recipe].granularity == "sequence",
         )  # fmt: skip
         self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY") or None
         tags = ("model", "expert", "target")

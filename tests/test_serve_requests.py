@@ -139,3 +139,49 @@ def test_detach_needs_a_cluster(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["serve", str(tmp_path), "--detach"]) == 2
     assert "`--detach` leaves the app on a running cluster" in capsys.readouterr().err
+
+
+class _Handle:
+    """Stands in for a Serve deployment handle: records what `route`/`generate` were sent."""
+
+    def __init__(self, route=None):
+        self.sent, self._route = [], route
+        self.route = self.generate = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, payload):
+        if self._route is not None:
+
+            async def route():
+                return self._route
+
+            return route()
+        self.sent.append(payload)
+
+        async def stream():
+            yield {"text": "ok", "token_ids": [1], "finish_reason": "stop", "route": None}
+
+        return stream()
+
+
+@pytest.mark.parametrize("sequence_router", [True, False])
+def test_routed_fallback_reuses_a_sequence_routers_weights(sequence_router):
+    """Below `route_threshold` a routed request goes to the fused replicas; a sequence router's
+    weights go with it (no second routing there); block/token routers route again there."""
+    import asyncio
+
+    route = [0.5, 0.3, 0.2]
+    fused, router, experts = _Handle(), _Handle(route=route), {n: _Handle() for n in EXPERTS}
+    cfg = ServeConfig(topology="routed", route_threshold=0.6)
+    d = Dispatcher(cfg, EXPERTS, synthetic.build_tokenizer(), 64, fused, router, experts,
+                   sequence_router=sequence_router)  # fmt: skip
+    (p,) = plan(d)
+    result = asyncio.run(d.collect(p))
+    assert result["deployment"] == "fused" and not any(h.sent for h in experts.values())
+    assert fused.sent[0]["expert_weights"] == (route if sequence_router else None)
+    assert result["route"]["expert_weights"] == dict(zip(EXPERTS, route))
+    router._route = [0.1, 0.8, 0.1]  # confident: the expert's own replicas, no weights sent
+    result = asyncio.run(d.collect(p))
+    assert result["deployment"] == "expert:sort" and experts["sort"].sent[0]["expert_weights"] is None

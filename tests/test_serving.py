@@ -141,3 +141,14 @@ def test_unknown_expert_for_merged_engine(moa):
     path, _ = moa
     with pytest.raises(ValueError, match="unknown expert 'nope'"):
         Engine.from_artifact(path, expert="nope")
+
+
+def test_reported_route_equals_the_route_of_the_prompt_alone(engine, monkeypatch):
+    """Every recipe reports the route `route` gives each prompt alone; MoLE/MoDULA read it off the
+    decode's own prompt forward (no second forward just to report it)."""
+    want = [engine.route([engine.encode(t)])[0] for t in PROMPTS]
+    if engine.mixture.router.granularity != "sequence":
+        monkeypatch.setattr(Engine, "route", lambda *a: pytest.fail("a separate routing forward ran"))
+    got = engine.complete([greedy(engine, t) for t in PROMPTS])
+    for completion, route in zip(got, want):
+        assert completion.route == pytest.approx(route, abs=1e-5)
