@@ -272,13 +272,13 @@ class Engine:
                 routes = self.mixture.take_route(mask).tolist()
             rows = [_Row(r, self.tokenizer, route) for r, route in zip(requests, routes)]
             for _ in range(max(r.params.max_tokens for r in requests)):
-                tokens = _sample(out.logits[:, -1].float(), requests, gens)  # [batch]
+                tokens = _sample(out.logits[:, -1].float(), requests, gens)  # [batch], on the CPU
                 yield [row.push(t) for row, t in zip(rows, tokens.tolist())]
                 if all(row.done for row in rows):
                     return
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
                 out = self.lm(
-                    input_ids=tokens[:, None],
+                    input_ids=tokens[:, None].to(ids.device),
                     attention_mask=mask,
                     position_ids=position_ids(mask)[:, -1:],
                     use_cache=True,
@@ -296,14 +296,15 @@ def _generator(seed: int | None) -> torch.Generator:
 
 
 def _sample(logits: torch.Tensor, requests, gens) -> torch.Tensor:
-    """Greedy rows take the argmax; sampled rows draw from temperature + nucleus (top-p) on CPU
-    with their own generator, so a seeded request gives the same tokens in any batch."""
-    tokens = logits.argmax(-1)
-    for i, r in enumerate(requests):
-        p = r.params
-        if p.temperature == 0:
-            continue
-        probs = torch.softmax(logits[i].cpu() / p.temperature, -1)
+    """The next token per row, on the CPU. Greedy rows take the argmax; sampled rows draw from
+    temperature + nucleus (top-p) on the CPU with their own generator, so a seeded request gives
+    the same tokens in any batch."""
+    tokens = logits.argmax(-1).cpu()
+    sampled = [i for i, r in enumerate(requests) if r.params.temperature > 0]
+    rows = logits[sampled].cpu() if sampled else None  # one device-to-host copy per step, not one per row
+    for row, i in enumerate(sampled):
+        p = requests[i].params
+        probs = torch.softmax(rows[row] / p.temperature, -1)
         if p.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p  # keep the smallest set reaching top_p
