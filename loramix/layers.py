@@ -281,6 +281,15 @@ class MixtureLinear(nn.Module):
             return y + torch.bmm(t, Bt).to(y.dtype)
         return y.baddbmm_(t, Bt)  # y += t Bt inside the GEMM, as in forward
 
+    def cast_experts(self, dtype: torch.dtype) -> None:
+        """Hold the experts (and universal LoRA) in ``dtype`` only; see :meth:`MixtureModel.cast_experts`."""
+        for name in ("lora_A", "lora_B", "universal_A", "universal_B"):
+            p = getattr(self, name)
+            if p is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        self._casts.clear()
+        self._pad_cache = None
+
     def expert_tensors(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A_i, B_i)`` of expert ``i`` on this module, or None if it does not adapt it."""
         idx = (self.expert_of_rank == i).nonzero().flatten()

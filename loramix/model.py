@@ -237,6 +237,18 @@ class MixtureModel(nn.Module):
         record, self.routing.record = self.routing.record, None
         return summarize_gates(record, attention_mask)
 
+    def cast_experts(self, dtype: torch.dtype) -> MixtureModel:
+        """Hold the experts (and universal LoRA) in ``dtype`` only.
+
+        Experts compute in the activations' dtype anyway, through a cached cast of the weights as
+        saved (float32 under a bf16 base). Serving casts them once instead: one bf16 copy rather
+        than float32 plus the cast, a third of the memory, the same outputs. Saving afterwards
+        writes the rounded weights.
+        """
+        for layer in self.layers.values():
+            layer.cast_experts(dtype)
+        return self
+
     def mask_experts(self, names: Sequence[str] = ()) -> None:
         """Exclude experts from routing (MoLE-style); the remaining gates renormalise. ``()`` unmasks."""
         if self.router is None:

@@ -144,17 +144,24 @@ class Engine:
         self.context_length = context_length or getattr(self.lm.config, "max_position_embeddings", None)
 
     @classmethod
-    def from_artifact(cls, path: str | Path, *, expert: str | None = None, device: str = "auto") -> Engine:
+    def from_artifact(
+        cls, path: str | Path, *, expert: str | None = None, device: str = "auto", dtype: torch.dtype | None = None
+    ) -> Engine:
         """Load ``path`` (a saved mixture with ``tokenizer/``); ``expert`` merges that one expert
-        into the base and serves the plain model (zero adapter overhead)."""
+        into the base and serves the plain model (zero adapter overhead).
+
+        ``dtype``: the base's (default: as saved). The fused mixture holds its experts in the
+        base's dtype, in which they compute (:meth:`MixtureModel.cast_experts`).
+        """
         from transformers import AutoTokenizer
 
-        mm = MixtureModel.from_pretrained(path)
+        mm = MixtureModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
         tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer")
-        model = mm
-        if expert is not None:
-            if expert not in mm.expert_names:
-                raise ValueError(f"unknown expert {expert!r}; the artifact holds {mm.expert_names}.")
+        if expert is None:
+            model = mm.cast_experts(next(mm.base_model.parameters()).dtype)
+        elif expert not in mm.expert_names:
+            raise ValueError(f"unknown expert {expert!r}; the artifact holds {mm.expert_names}.")
+        else:  # merged from the weights as saved
             model = mm.merged_base([float(n == expert) for n in mm.expert_names])
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

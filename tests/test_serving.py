@@ -152,3 +152,20 @@ def test_reported_route_equals_the_route_of_the_prompt_alone(engine, monkeypatch
     got = engine.complete([greedy(engine, t) for t in PROMPTS])
     for completion, route in zip(got, want):
         assert completion.route == pytest.approx(route, abs=1e-5)
+
+
+def test_bf16_fused_engine_holds_experts_in_bf16_with_the_same_tokens(tmp_path):
+    """Serving a bf16 base keeps one bf16 copy of the experts (they compute in bf16 anyway):
+    a third of the float32-plus-cast memory, token for token what the uncast mixture decodes."""
+    from loramix.model import MixtureModel
+
+    path = demo_artifact(tmp_path / "artifact", router_steps=5)
+    engine = Engine.from_artifact(path, dtype=torch.bfloat16)
+    layers = list(engine.mixture.layers.values())
+    assert all(layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16 for layer in layers)
+    uncast = Engine(MixtureModel.from_pretrained(path, dtype=torch.bfloat16), engine.tokenizer)
+    assert next(iter(uncast.mixture.layers.values())).lora_A.dtype == torch.float32
+    requests = [greedy(engine, t) for t in PROMPTS]
+    assert [c.token_ids for c in engine.complete(requests)] == [c.token_ids for c in uncast.complete(requests)]
+    assert all(not layer._casts for layer in layers), "no cached casts: the experts are already bf16"
+    assert any(layer._casts for layer in uncast.mixture.layers.values())
