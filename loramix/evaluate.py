@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from loramix.data import Example, collate
-from loramix.loops import device_of, to_device
+from loramix.loops import device_of, prompt_mask, to_device
+from loramix.model import MixtureModel
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,24 @@ def completion_loss(
     return total / max(count, 1)
 
 
+def score(model, examples: Sequence[Example], tokenizer) -> tuple[float, float]:
+    """``(exact match, completion loss)`` of ``model`` on ``examples``, batches on the model's device.
+
+    A mixture (or a wrapper of one with ``.model``) routes on the prompt only, as it does when
+    generating; plain and PEFT models take the whole sequence.
+    """
+    device = device_of(model)
+    routes = isinstance(getattr(model, "model", model), MixtureModel)
+
+    def forward(batch):
+        batch = to_device(batch, device)
+        extra = {"route_mask": prompt_mask(batch)} if routes else {}
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+
+    with torch.no_grad():
+        return exact_match(model, examples, tokenizer), completion_loss(forward, examples, tokenizer.pad_token_id)
+
+
 @torch.no_grad()
 def router_confusion(
     mm, examples_by_domain: dict[str, Sequence[Example]], pad_id: int, batch_size: int = 64
@@ -68,13 +87,13 @@ def router_confusion(
     ``confusion[i][j]`` counts prompts of domain ``i`` routed to expert ``j`` (in
     ``mm.expert_names`` order); domains without an expert of their name are skipped.
     """
-    names = mm.expert_names
+    names, device = mm.expert_names, device_of(mm)
     confusion = [[0] * len(names) for _ in names]
     for domain, examples in examples_by_domain.items():
         if domain not in names:
             continue
         for i in range(0, len(examples), batch_size):
-            batch = to_device(collate(examples[i : i + batch_size], pad_id, prompt_only=True), device_of(mm))
+            batch = to_device(collate(examples[i : i + batch_size], pad_id, prompt_only=True), device)
             picks = mm.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).argmax(-1)
             for j in picks.tolist():
                 confusion[names.index(domain)][j] += 1

@@ -237,17 +237,7 @@ def evaluate_method(
         return {"error": str(err)}
     per = {}
     for name, examples in evals.items():
-        model = build(name)
-        em = evaluate.exact_match(model, examples, tokenizer)
-
-        def forward(batch, model=model):
-            batch = loops.to_device(batch, loops.device_of(model))
-            # A mixture routes on the prompt only, as it does when generating.
-            extra = {"route_mask": loops.prompt_mask(batch)} if _is_mixture(model) else {}
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
-
-        with torch.no_grad():
-            loss = evaluate.completion_loss(forward, examples, tokenizer.pad_token_id)
+        em, loss = evaluate.score(build(name), examples, tokenizer)
         per[name] = {"exact_match": em, "loss": loss}
     avg = {k: sum(v[k] for v in per.values()) / len(per) for k in ("exact_match", "loss")}
     result = {"per_domain": per, "avg": avg}
@@ -256,7 +246,3 @@ def evaluate_method(
         acc, confusion = evaluate.router_confusion(mm, evals, tokenizer.pad_token_id)
         result["router"] = {"accuracy": acc, "confusion": confusion, "labels": mm.expert_names}
     return result
-
-
-def _is_mixture(model) -> bool:
-    return isinstance(getattr(model, "model", model), MixtureModel)

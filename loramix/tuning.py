@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
-
 from loramix import evaluate, loops, stages
 from loramix.config import LoramixConfig
 
@@ -32,21 +30,9 @@ def eval_steps(steps: int, evals: int) -> list[int]:
 
 def validate(mm, evals: dict, tokenizer) -> dict[str, tuple[float, float]]:
     """``(exact match, completion loss)`` per domain of the routed mixture."""
-
-    def forward(batch):  # routes on the prompt only, as generation does
-        route_mask = loops.prompt_mask(batch)
-        return mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], route_mask=route_mask).logits
-
     mm.eval()
     try:
-        with torch.no_grad():
-            return {
-                name: (
-                    evaluate.exact_match(mm, ex, tokenizer),
-                    evaluate.completion_loss(forward, ex, tokenizer.pad_token_id),
-                )
-                for name, ex in evals.items()
-            }
+        return {name: evaluate.score(mm, ex, tokenizer) for name, ex in evals.items()}
     finally:
         mm.train()
 
