@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from loramix.data import encode_prompt, pad_left
+from loramix.loops import accelerator
 from loramix.model import MixtureModel, position_ids
 
 logger = logging.getLogger(__name__)
@@ -163,9 +164,7 @@ class Engine:
             raise ValueError(f"unknown expert {expert!r}; the artifact holds {mm.expert_names}.")
         else:  # merged from the weights as saved
             model = mm.merged_base([float(n == expert) for n in mm.expert_names])
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(model.to(device), tokenizer)
+        return cls(model.to(accelerator() if device == "auto" else device), tokenizer)
 
     @property
     def expert_names(self) -> list[str]:
