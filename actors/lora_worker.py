@@ -101,8 +101,7 @@ def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, loops.warmup_cosine(cfg))
+    optimizer, scheduler = loops.adamw(trainable, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

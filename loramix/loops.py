@@ -64,6 +64,12 @@ def warmup_cosine(cfg: OptimConfig) -> Callable[[int], float]:
     return factor
 
 
+def adamw(params: list[nn.Parameter], cfg: OptimConfig):
+    """``(AdamW, its warmup/cosine LambdaLR)``: the optimiser of every LoRA and router."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
+
+
 class TorchStepper:
     """AdamW + warmup/cosine + global-norm clipping over ``params``."""
 
@@ -72,8 +78,7 @@ class TorchStepper:
         if not self.params:
             raise ValueError("nothing to train: no parameter requires grad.")
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(cfg))
+        self.optimizer, self.scheduler = adamw(self.params, cfg)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
