@@ -197,7 +197,7 @@ def heterogeneous_generation(cfg: BenchConfig, fresh, adapters) -> dict:
         peft.generate(input_ids=prompts, adapter_names=owner, **gen),
     )
     t_mixed, t_mix, ratio_mixed = paired(peft_mixed_batch, loramix_batched, cfg.repeats, _sync(cfg))
-    t_seq, t_mix_seq, ratio_seq = paired(peft_sequential, loramix_batched, 1, _sync(cfg))  # slow: one pair
+    t_seq, _, ratio_seq = paired(peft_sequential, loramix_batched, 1, _sync(cfg))  # slow: one pair
     tokens = cfg.prompts * cfg.new_tokens
     return {
         "tokens": tokens,

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import TINY_SYNTHETIC
+
 PARTS = ("pipeline", "serving", "deepspeed", "bench", "profile")
 CUDA = torch.cuda.is_available()  # --dry-run on a CPU exercises the script itself, not the GPU
 
@@ -49,16 +51,7 @@ def tiny_config(root: Path, recipe: str, **over):
     data = {
         "recipe": recipe,
         "output": str(root / recipe),
-        "model": {
-            "synthetic": {
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_layers": 2,
-                "num_heads": 2,
-                "pretrain_steps": 30,
-                "batch_size": 32,
-            }
-        },  # fmt: skip
+        "model": {"synthetic": TINY_SYNTHETIC | {"pretrain_steps": 30, "batch_size": 32}},
         "data": {"max_length": 32, "eval_limit": 16, "domains": info["domains"]},
         "expert": {"rank": 4, "steps": 20, "batch_size": 16},
         "router": {"steps": 20, "batch_size": 16, "top_k": 1 if recipe == "moa" else 2},

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 
+from benchmarks import TINY_SYNTHETIC
 from loramix import stages, synthetic
 from loramix.config import build_config
 
@@ -28,15 +29,7 @@ def _config(root: Path, steps: int, zero_stage: int = 2, workers: int = 1):
     return build_config(
         {
             "output": str(root / "out"),
-            "model": {
-                "synthetic": {
-                    "hidden_size": 64,
-                    "intermediate_size": 128,
-                    "num_layers": 2,
-                    "num_heads": 2,
-                    "pretrain_steps": 0,
-                }
-            },  # fmt: skip
+            "model": {"synthetic": TINY_SYNTHETIC | {"pretrain_steps": 0}},
             "data": {"max_length": 32, "domains": data["domains"]},
             "expert": {"rank": 8, "steps": steps, "batch_size": 16},
             "train": {"zero_stage": zero_stage, "log_every": steps, "checkpoint_every": 10 * steps},
