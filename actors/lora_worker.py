@@ -1,8 +1,9 @@
 """Ray Train worker loop: train one LoRA (a domain expert, the universal LoRA or the multitask
-baseline) with a DeepSpeed engine, data from Ray Data, resumable checkpoints.
+baseline) with a DeepSpeed engine, data from Ray Data, early stopping, resumable checkpoints.
 
-Built into a ``TorchTrainer`` by :mod:`pipelines.experts`; the maths and the loop come from
-:mod:`loramix.loops`, this file only wires DeepSpeed, Ray Data and Ray Train reporting around it.
+Built into a ``TorchTrainer`` by :mod:`actors.lora_trainer`; the model and the loop come from the
+core (:mod:`loramix.trainees`, :mod:`loramix.loops`), this file only wires DeepSpeed, Ray Data
+and Ray Train reporting around them.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import json
 import logging
 import os
 import resource
-import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,8 +26,25 @@ from loramix.data import pad_left
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "expert"  # PEFT adapter name inside the worker; the directory name is the domain
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, built once by the trainer (the ``train_loop_config["worker"]``)."""
+
+    optim: ExpertConfig  # steps: the maximum (or the multitask budget)
+    base: str  # directory or hub id
+    tokenizer: str
+    dtype: str
+    ds_config: dict  # a configs/deepspeed template
+    trunk: str | None  # MoDULA-Res: the universal adapter under the expert
+    name: str  # the job, e.g. "expert/reverse"
+    seed: int
+    checkpoint_every: int
+    log_every: int
+    validate: bool = False  # a "val" dataset is passed: stop early on its loss
+    progress: Any = None  # a ProgressActor handle
 
 
 class DeepSpeedStepper:
@@ -52,14 +71,14 @@ def pad_batch(batch: dict, pad_id: int, device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in padded.items()}
 
 
-def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, seed: int):
-    """Endless epochs over this worker's Ray Data shard, stopping after ``steps`` batches."""
+def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, seed: int, epochs: int | None = None):
+    """Epochs over this worker's Ray Data shard (endless unless ``epochs``), stopping after ``steps`` batches."""
     done, epoch = 0, 0
-    while done < steps:
+    while done < steps and (epochs is None or epoch < epochs):
         for batch in shard.iter_batches(
             batch_size=micro_batch,
             batch_format="numpy",
-            drop_last=True,
+            drop_last=epochs is None,
             local_shuffle_buffer_size=16 * micro_batch,
             local_shuffle_seed=seed + epoch,
         ):
@@ -112,81 +131,133 @@ def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
     return engine
 
 
-def train_lora_worker(config: dict) -> None:
-    """``train_loop_per_worker`` for one LoRA.
+def gathered_snapshot(engine, model):
+    """``snapshot``/``restore`` of the trainable parameters that also work when ZeRO-3 shards them
+    (every rank must call them: gathering is a collective)."""
+    import deepspeed
 
-    ``config`` keys: ``optim`` (an ExpertConfig dict), ``base``, ``tokenizer``, ``dtype``,
-    ``ds_config`` (template), ``universal`` (dir or None), ``name``, ``seed``,
-    ``checkpoint_every``, ``log_every``, ``progress`` (a ProgressActor handle or None).
-    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero3 = engine.zero_optimization_stage() == 3
+
+    def snapshot():
+        with deepspeed.zero.GatheredParameters(params, enabled=zero3):
+            return [p.detach().clone().cpu() for p in params]
+
+    def restore(saved):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3), torch.no_grad():
+            for p, s in zip(params, saved):
+                p.data.copy_(s.to(p.device, p.dtype))
+
+    return snapshot, restore
+
+
+def validator(engine, val_batches: list[dict]):
+    """The mean validation loss over every rank (each rank holds all validation rows; the mean keeps
+    the ranks' early-stopping decisions identical)."""
+    import torch.distributed as dist
+
+    def validate() -> float:
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        for batch in val_batches:
+            loss = loops.lm_loss(engine, batch)[0]
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=engine.device)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return float(total[0] / total[1].clamp_min(1))
+
+    return validate
+
+
+def train_lora_worker(config: dict) -> None:
+    """``train_loop_per_worker`` for one LoRA (``config["worker"]``: a :class:`WorkerConfig`)."""
     import ray.train
     import ray.train.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = ExpertConfig.model_validate(config["optim"])
+    from loramix.trainees import build_trainee, trainable_parameters
+
+    w: WorkerConfig = config["worker"]
+    cfg = w.optim
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    progress, name = config.get("progress"), config["name"]
-    if progress is not None:
-        progress.worker.remote(name, rank, ray.get_runtime_context().get_node_id(), os.getpid())
+    if w.progress is not None:
+        w.progress.worker.remote(w.name, rank, ray.get_runtime_context().get_node_id(), os.getpid())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and _report_if_finished(checkpoint, rank):
         return
-    torch.manual_seed(config["seed"])
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer"])
-    base = AutoModelForCausalLM.from_pretrained(config["base"], dtype=getattr(torch, config["dtype"]))
-    # DeepSpeed places the model on `device`.
-    model = loops.build_peft_model(base, cfg, config.get("universal"), adapter_name=ADAPTER)
-    engine = make_engine(model, cfg, config["ds_config"], world)
+    torch.manual_seed(w.seed)
+    tokenizer = AutoTokenizer.from_pretrained(w.tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(w.base, dtype=getattr(torch, w.dtype))
+    model = build_trainee(base, cfg, trunk=w.trunk)  # DeepSpeed places it on `device`
+    engine = make_engine(model, cfg, w.ds_config, world)
+    validation = None
+    if w.validate:
+        val_shard = ray.train.get_dataset_shard("val")
+        # All of the validation rows, once, kept in memory: every validation reuses them.
+        val = list(
+            shard_batches(val_shard, cfg.batch_size, tokenizer.pad_token_id, device, steps=1 << 30, seed=0, epochs=1)
+        )
+        validation = loops.Validation(validator(engine, val), every=cfg.eval_every, patience=cfg.patience)
+        validation.snapshot, validation.restore = gathered_snapshot(engine, model)
     start = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(ckpt_dir, tag="state")
             start = json.loads((Path(ckpt_dir) / "step.json").read_text())["step"]
-        logger.info("%s: resumed from step %d", name, start)
+            if validation is not None:
+                validation.load(Path(ckpt_dir) / "validation")
+        logger.info("%s: resumed from step %d", w.name, start)
     shard = ray.train.get_dataset_shard("train")
     micro = cfg.batch_size // world
-    batches = shard_batches(
-        shard, micro, tokenizer.pad_token_id, device, steps=cfg.steps - start, seed=config["seed"] + start
-    )
-    log_every, ckpt_every = config["log_every"], config["checkpoint_every"]
+    batches = shard_batches(shard, micro, tokenizer.pad_token_id, device, steps=cfg.steps - start, seed=w.seed + start)
     started = time.perf_counter()
 
     def report(metrics: dict, _ckpt=None) -> None:
         step = metrics["step"]
-        if rank == 0 and progress is not None:
-            progress.update.remote(name, step, cfg.steps, metrics["loss"])
-        if step % ckpt_every == 0 and step < cfg.steps:
+        if rank == 0 and w.progress is not None:
+            w.progress.update.remote(w.name, step, cfg.steps, metrics["loss"])
+        if step % w.checkpoint_every == 0 and step < cfg.steps:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag="state")  # every rank writes its ZeRO partition
                 (Path(tmp) / "step.json").write_text(json.dumps({"step": step}))
+                if validation is not None and rank == 0:
+                    validation.save(Path(tmp) / "validation")
                 t0 = time.perf_counter()
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                logger.info("%s: checkpoint at step %d saved in %.1fs", name, step, time.perf_counter() - t0)
-        elif step % log_every == 0:
+                logger.info("%s: checkpoint at step %d saved in %.1fs", w.name, step, time.perf_counter() - t0)
+        elif step % w.log_every == 0:
             ray.train.report(metrics)
 
     summary = loops.run_steps(
-        engine, batches, loops.lm_loss, DeepSpeedStepper(engine), report=report, log_every=log_every, start_step=start
+        engine,
+        batches,
+        loops.lm_loss,
+        DeepSpeedStepper(engine),
+        report=report,
+        log_every=w.log_every,
+        start_step=start,
+        max_steps=cfg.steps,
+        validation=validation,
     )
-    final = {
-        "step": cfg.steps,
+    final = summary | {
         "loss": summary["final_loss"],
-        "final_loss": summary["final_loss"],
         "seconds": time.perf_counter() - started,
         "resumed_from": start,
-        "losses": summary["losses"],
+        "trainable_params": trainable_parameters(model),
         # What `loramix bench --ray` compares across ZeRO stages: the loop's own time and rank 0's peak memory.
-        "loop_seconds_per_step": summary["seconds"] / max(1, cfg.steps - start),
+        "loop_seconds_per_step": summary["seconds"] / max(1, summary["steps"] - start),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
-    save_adapter(engine, model, name, final, rank)
+    save_adapter(engine, model, final, rank)
 
 
 def _report_if_finished(checkpoint, rank: int) -> bool:
     """A relaunched run whose latest checkpoint is already the final adapter reports it again."""
+    import shutil
+
     import ray.train
 
     with checkpoint.as_directory() as ckpt_dir:
@@ -204,29 +275,29 @@ def _report_if_finished(checkpoint, rank: int) -> bool:
 
 
 def write_adapter(engine, model, directory: str | Path, rank: int) -> Path | None:
-    """Gather the LoRA (ZeRO-3 shards it) and write it as a PEFT adapter on rank 0; its folder, else None.
+    """Gather the LoRA (ZeRO-3 shards it) and write it as an adapter directory on rank 0; its path, else None.
 
     Every rank must call this: gathering a ZeRO-3 parameter is a collective.
     """
     import deepspeed
 
+    from loramix.trainees import save_trainee
+
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
         if rank != 0:
             return None
-        model.save_pretrained(directory, selected_adapters=[ADAPTER])
-    return Path(directory) / ADAPTER if (Path(directory) / ADAPTER).is_dir() else Path(directory)
+        return save_trainee(model, directory)
 
 
-def save_adapter(engine, model, name: str, final: dict, rank: int) -> None:
+def save_adapter(engine, model, final: dict, rank: int) -> None:
     """Write the adapter (:func:`write_adapter`) and report it as the run's final checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        src = write_adapter(engine, model, tmp, rank)
-        if src is None:
-            ray.train.report(final)
+        if write_adapter(engine, model, Path(tmp) / "adapter", rank) is None:
+            ray.train.report({k: v for k, v in final.items() if not isinstance(v, list)})
             return
-        (Path(tmp) / "adapter_path.txt").write_text(os.path.relpath(src, tmp))
         (Path(tmp) / "summary.json").write_text(json.dumps(final))
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        metrics = {k: v for k, v in final.items() if not isinstance(v, list)}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -63,17 +63,25 @@ def pipeline(root: Path) -> dict:
     from loramix.demo import run_demo
 
     out = {}
-    for recipe, over in (("moa", {}), ("mole", {}), ("modula", {"universal.enabled": "true"})):
+    modula = {"universal.enabled": "true", "router.context": "prompt", "router.label_coef": 5}
+    runs = (
+        ("moa", {}),
+        ("mole", {"router.label_coef": 5}),
+        ("modula", modula),
+        ("modula_res", modula | {"universal.variant": "res"}),
+    )
+    for name, over in runs:
+        recipe = name.split("_")[0]
         _reset_peak()
         t0 = time.perf_counter()
-        report = run_demo(tiny_config(root, recipe, **over), root / recipe)
-        out[recipe] = {
+        report = run_demo(tiny_config(root, recipe, **over), root / name)
+        out[name] = {
             "seconds": time.perf_counter() - t0,
             "peak_gpu_mib": _peak_mib(),
-            "exact_match": {m: r["avg"]["exact_match"] for m, r in report["methods"].items()},
+            "exact_match": {m: r["avg"]["exact_match"] for m, r in report["methods"].items() if "avg" in r},
             "router_accuracy": report["router"]["accuracy"],
         }
-        assert out[recipe]["peak_gpu_mib"] > 0 or not CUDA, "the stages ran without touching the GPU"
+        assert out[name]["peak_gpu_mib"] > 0 or not CUDA, "the stages ran without touching the GPU"
     return out
 
 
@@ -105,8 +113,11 @@ def serving(root: Path) -> dict:
     )
     repeatable = [a.token_ids == b.token_ids for a, b in zip(sampled[: len(ids)], sampled[len(ids) :])]
     assert all(same) and all(repeatable), (same, repeatable)
-    return {"greedy_equals_generate": same, "seeded_sampling_repeats": repeatable,
-            "batched_texts": [c.text for c in batched]}  # fmt: skip
+    return {
+        "greedy_equals_generate": same,
+        "seeded_sampling_repeats": repeatable,
+        "batched_texts": [c.text for c in batched],
+    }
 
 
 def deepspeed_zero(root: Path, steps: int = 30) -> dict:
@@ -117,6 +128,7 @@ def deepspeed_zero(root: Path, steps: int = 30) -> dict:
     from actors.lora_worker import DeepSpeedStepper, deepspeed_template, make_engine, write_adapter
     from loramix import data, loops, synthetic
     from loramix.config import ExpertConfig
+    from loramix.trainees import build_trainee
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if CUDA:
@@ -132,7 +144,7 @@ def deepspeed_zero(root: Path, steps: int = 30) -> dict:
     out = {"backend": dist.get_backend()}
     for stage in (0, 2, 3):
         torch.manual_seed(0)
-        model = loops.build_peft_model(copy.deepcopy(base), cfg, adapter_name="expert")
+        model = build_trainee(copy.deepcopy(base), cfg, adapter_name="expert")
         engine = make_engine(model, cfg, deepspeed_template(stage), 1)
         _reset_peak()
         it = data.batches(rows, cfg.batch_size, tokenizer.pad_token_id, seed=0, steps=steps)
@@ -157,8 +169,11 @@ def deepspeed_zero(root: Path, steps: int = 30) -> dict:
     return out
 
 
-BENCHES = {"default_fp32": ("default", "float32"), "default_bf16": ("default", "bfloat16"),
-           "large_bf16": ("large", "bfloat16")}  # fmt: skip
+BENCHES = {
+    "default_fp32": ("default", "float32"),
+    "default_bf16": ("default", "bfloat16"),
+    "large_bf16": ("large", "bfloat16"),
+}
 
 
 def bench(root: Path, names=tuple(BENCHES)) -> dict:
@@ -225,8 +240,14 @@ def main() -> int:
     import peft
     import transformers
 
-    results = {"env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                       "peft": peft.__version__, "gpu": torch.cuda.get_device_name() if CUDA else None}}  # fmt: skip
+    results = {
+        "env": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "gpu": torch.cuda.get_device_name() if CUDA else None,
+        }
+    }
     funcs = {"pipeline": pipeline, "serving": serving, "deepspeed": deepspeed_zero, "bench": bench, "profile": profile}
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
@@ -238,8 +259,10 @@ def main() -> int:
                 results[part] = {"ok": False, "error": repr(err), "traceback": traceback.format_exc()}
                 traceback.print_exc()
             results[part]["part_seconds"] = time.perf_counter() - t0
-            print(f"=== {part}: {'ok' if results[part]['ok'] else 'FAILED'} in {results[part]['part_seconds']:.0f}s",
-                  flush=True)  # fmt: skip
+            print(
+                f"=== {part}: {'ok' if results[part]['ok'] else 'FAILED'} in {results[part]['part_seconds']:.0f}s",
+                flush=True,
+            )
             (out / "device_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0 if all(results[p]["ok"] for p in args.parts) else 1
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 
 from benchmarks import TINY_SYNTHETIC
-from loramix import stages, synthetic
+from loramix import plan, stages, synthetic
 from loramix.config import build_config
 
 TASKS = ["reverse", "sort", "shift"]
@@ -31,27 +31,26 @@ def _config(root: Path, steps: int, zero_stage: int = 2, workers: int = 1):
             "output": str(root / "out"),
             "model": {"synthetic": TINY_SYNTHETIC | {"pretrain_steps": 0}},
             "data": {"max_length": 32, "domains": data["domains"]},
-            "expert": {"rank": 8, "steps": steps, "batch_size": 16},
+            "expert": {"rank": 8, "steps": steps, "batch_size": 16, "patience": 0},  # a fixed step count
             "train": {"zero_stage": zero_stage, "log_every": steps, "checkpoint_every": 10 * steps},
             "resources": {"num_workers": workers, "cpus_per_worker": 1.0 / workers},
         }
     )
 
 
-def _fit(cfg, base_info, name: str, tag: str):
-    from pipelines.run import lora_stage
+def _fit(cfg, base, name: str, tag: str):
+    """One expert's stage of the plan, trained as `loramix run` trains it, into ``OUTPUT/<tag>``."""
+    from actors.stage_tasks import run_lora_stage
 
-    root = Path(cfg.output) / tag
-    return lora_stage.remote(
-        f"expert/{name}", tag, str(root), cfg.model_dump(mode="json"), base_info, [name],
-        optim=cfg.expert.model_dump(mode="json"), out_dir=str(root / name), run_name=f"{tag}-{name}",
-        universal=None, progress=None,
-    )  # fmt: skip
+    cfg = cfg.model_copy(update={"output": str(Path(cfg.output) / tag)})
+    ctx = plan.Context.create(cfg)
+    stage = next(s for s in plan.build_plan(cfg) if s.name == f"expert/{name}")
+    return run_lora_stage.remote(stage, ctx, f"{tag}-{name}", None, base)
 
 
 def training(root: Path, steps: int) -> dict:
     cfg = _config(root, steps)
-    base_info = stages.prepare_base(cfg, root / "base")
+    base_info = stages.base_stage(cfg, root / "base")
     names = [d.name for d in cfg.data.domains]
     t = time.perf_counter()
     for name in names:
@@ -65,9 +64,9 @@ def training(root: Path, steps: int) -> dict:
         cfg_z = _config(root, steps, zero_stage=stage, workers=2)
         summary = ray.get(_fit(cfg_z, base_info, names[0], f"zero{stage}"))
         zero[stage] = {
-            "seconds_per_step": summary["loop_seconds_per_step"],
-            "peak_rss_mib": summary["peak_rss_mib"],
-            "peak_gpu_mib": summary["peak_gpu_mib"],
+            "seconds_per_step": summary.loop_seconds_per_step,
+            "peak_rss_mib": summary.peak_rss_mib,
+            "peak_gpu_mib": summary.peak_gpu_mib,
         }
     for stage in (2, 3):
         zero[stage]["step_time_vs_zero0"] = zero[stage]["seconds_per_step"] / zero[0]["seconds_per_step"]
@@ -128,8 +127,11 @@ def serving(root: Path, levels=(1, 4, 16), requests: int = 64, max_tokens: int =
 def run(root: Path, quick: bool) -> dict:
     started = not ray.is_initialized()
     if started:
-        ray.init(include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+        )
     try:
         return {
             "training": training(root / "training", steps=10 if quick else 40),

@@ -1,8 +1,8 @@
 """Saving and loading a mixture artifact.
 
-<path>/manifest.json            expert order, recipe, top_k, variant, base model, masked experts
+<path>/manifest.json            expert order (gate columns), null experts, variant, router, base model
 <path>/experts/<name>/          PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
-<path>/universal/               MoDULA universal LoRA (PEFT format), if any
+<path>/universal/               the MoDULA-Res trunk (PEFT format), if any
 <path>/router/config.json       router recipe and constructor kwargs
 <path>/router/router.safetensors
 """
@@ -20,7 +20,7 @@ from loramix.experts import Expert, ExpertBank
 logger = logging.getLogger(__name__)
 
 FORMAT = "loramix-mixture"
-VERSION = 1
+VERSION = 2  # 2: MoDULA-Flan universal as an expert, Res trunk + null experts, MoLE gates on LoRA outputs
 
 
 def save_mixture(mm, path: str | Path, *, base_path: str | None = None) -> None:
@@ -46,6 +46,7 @@ def save_mixture(mm, path: str | Path, *, base_path: str | None = None) -> None:
                 "format": FORMAT,
                 "version": VERSION,
                 "expert_names": mm.expert_names,
+                "null_experts": mm.null_experts,
                 "variant": mm.variant,
                 "universal": mm.universal is not None,
                 "router": router,
@@ -63,7 +64,8 @@ def read_manifest(path: str | Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ValueError(
             f"{str(path / 'manifest.json')!r} is format {manifest.get('format')!r} v{manifest.get('version')}; "
-            f"this loramix reads {FORMAT!r} v{VERSION}."
+            f"this loramix reads {FORMAT!r} v{VERSION}. Rerun `loramix run` on the same output to rebuild it "
+            "(finished experts are reused)."
         )
     return manifest
 
@@ -89,7 +91,9 @@ def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
             raise ValueError(f"{str(path)!r} names no base model; pass `base_model=`.")
         base_model = load_base(manifest["base_model"], path, **base_kwargs)
     variant = manifest["variant"]
-    bank = ExpertBank.from_dirs({n: path / "experts" / n for n in manifest["expert_names"]}, variant=variant)
+    null = manifest.get("null_experts", [])
+    names = [n for n in manifest["expert_names"] if n not in null]
+    bank = ExpertBank.from_dirs({n: path / "experts" / n for n in names}, variant=variant)
     universal = Expert.from_dir("universal", path / "universal") if manifest["universal"] else None
     router = manifest["router"]
     mm = cls(
@@ -99,6 +103,7 @@ def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
         top_k=router["top_k"] if router else 1,
         universal=universal,
         variant=variant,
+        null_experts=null,
         router_kwargs=router["kwargs"] if router else None,
     )
     if router:

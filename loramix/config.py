@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from loramix import recipes
 from loramix.names import check_expert_name
 from loramix.section import Section
 from loramix.serve_config import ServeConfig
@@ -21,7 +22,7 @@ from loramix.tune_config import TuneConfig
 
 logger = logging.getLogger(__name__)
 
-Recipe = Literal["moa", "mole", "modula"]
+Recipe = Literal[tuple(recipes.RECIPES)]
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,8 @@ class DataConfig(Section):
     """Longest prompt+completion in tokens; longer rows are an error, not silently truncated."""
     eval_limit: int | None = Field(None, ge=1)
     """Score at most this many eval rows per domain (None: all)."""
+    general: str | None = None
+    """Eval rows of the base's general skill (the demo world: the copy task); every method is scored on it too."""
 
     @field_validator("domains")
     @classmethod
@@ -116,7 +119,9 @@ class OptimConfig(Section):
     """Clip the global gradient norm to this value."""
 
 
-class ExpertConfig(OptimConfig):
+class LoraConfigBase(OptimConfig):
+    steps: int = Field(2000, ge=1)
+    """Most optimizer steps; training stops earlier once the validation loss stops improving."""
     rank: int = Field(8, ge=1)
     """LoRA rank r; higher = more capacity + memory."""
     alpha: float = Field(16.0, gt=0)
@@ -125,13 +130,25 @@ class ExpertConfig(OptimConfig):
     """LoRA dropout during expert training."""
     target_modules: list[str] | str = "all-linear"
     """Modules to adapt: `all-linear` or a list of names (PEFT `target_modules`)."""
+    val_fraction: float = Field(0.05, ge=0, lt=0.5)
+    """Share of each LoRA's training rows held out for the validation loss (0: no early stopping)."""
+    eval_every: int = Field(50, ge=1)
+    """Steps between validation losses."""
+    patience: int = Field(3, ge=0)
+    """Validations without a 1% improvement before training stops (0: always run `steps`)."""
 
 
-class UniversalConfig(OptimConfig):
+class ExpertConfig(LoraConfigBase):
+    """A domain expert (and the multitask baseline, which gets the experts' total steps)."""
+
+
+class UniversalConfig(LoraConfigBase):
     enabled: bool = False
-    """Train a universal LoRA on all domains first (MoDULA); domain experts then train on top of it."""
+    """Train MoDULA's universal LoRA first, on `universal.train`; the router weighs it beside the domain experts."""
+    train: str | None = None
+    """General data for the universal LoRA (the demo world: the copy task); unset: the union of the domains."""
     variant: Literal["flan", "res"] = "flan"
-    """MoDULA variant: `flan` adds experts in parallel, `res` feeds experts the universal output."""
+    """MoDULA-Flan: experts trained alone, universal one of them; MoDULA-Res: experts read the universal's output."""
 
 
 class RouterConfig(OptimConfig):
@@ -140,11 +157,15 @@ class RouterConfig(OptimConfig):
     lr: float = Field(1e-2, gt=0)
     """Peak learning rate of the router."""
     top_k: int = Field(1, ge=1)
-    """Experts kept per route (renormalised); must not exceed the number of domains."""
+    """Experts kept per route (renormalised; straight-through gradients in training); at most the routed experts."""
     temperature: float = Field(1.0, gt=0)
     """Initial softmax temperature of the MoLE gates (learnable)."""
-    balance_coef: float = Field(0.5, ge=0)
-    """Weight of the balance loss -log prod q_i (MoLE, MoDULA)."""
+    balance_coef: float | None = Field(None, ge=0)
+    """Weight of the balance loss -log prod q_i; unset: the recipe's (MoLE 0.5, the paper's alpha; MoDULA 0)."""
+    context: Literal["token", "prompt"] = "token"
+    """MoDULA: a token's router reads its layer input (`token`, the paper's) or the mean over the prompt up to it."""
+    label_coef: float = Field(0.0, ge=0)
+    """MoLE/MoDULA: weight of a cross-entropy of each gate against the row's expert (0: the papers' label-free loss)."""
 
 
 class TrainConfig(Section):
@@ -197,22 +218,16 @@ class LoramixConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> LoramixConfig:
-        problems = []
-        n = len(self.data.domains)
+        problems = recipes.get(self.recipe).check(self)
+        n = len(recipes.routed_experts(self)) if self.data.domains else 0
         if n and self.router.top_k > n:
+            what = "the domains + the universal LoRA" if self.universal.enabled else "the number of domains"
             problems.append(
-                f"`router.top_k` must be in [1, {n}] (the number of domains), got {self.router.top_k}. "
-                "Lower top_k or add domains."
+                f"`router.top_k` must be in [1, {n}] ({what}), got {self.router.top_k}. Lower top_k or add domains."
             )
-        if self.universal.enabled and self.recipe != "modula":
+        if self.universal.enabled and recipes.UNIVERSAL in [d.name for d in self.data.domains]:
             problems.append(
-                f"`universal.enabled` is only used by recipe `modula`, got recipe `{self.recipe}`. "
-                "Set `recipe: modula` or `universal.enabled: false`."
-            )
-        if self.universal.enabled and self.universal.variant == "res":
-            problems.append(
-                "`universal.variant: res` is not trainable by the pipeline yet (its experts read the universal "
-                "output, which PEFT cannot train); use `flan`. `MixtureModel` can still serve res experts."
+                f"domain name `{recipes.UNIVERSAL}` is taken by the universal LoRA when `universal.enabled`; rename it."
             )
         if problems:
             raise ValueError("\n".join(problems))
@@ -299,8 +314,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> LoramixConfig:
 
 
 def dump_config(cfg: LoramixConfig) -> str:
-    """The resolved config as YAML (written next to every checkpoint)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (written next to every checkpoint); never the API key."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"serve": {"api_key"}}), sort_keys=False)
 
 
 def config_help(model: type[BaseModel] = LoramixConfig, prefix: str = "") -> list[str]:

@@ -133,6 +133,11 @@ def load_domain(
     return rows, tokenize_rows(rows, tokenizer, max_length, domain, source=repr(str(path)))
 
 
+def prompt_mask(batch: dict) -> torch.Tensor:
+    """``[batch, seq]`` positions of real prompt tokens: routing may look only at what inference sees."""
+    return batch["attention_mask"] * (batch["labels"] == IGNORE).long()
+
+
 def collate(examples: Sequence[Example], pad_id: int, *, prompt_only: bool = False) -> dict[str, torch.Tensor]:
     """Pad a batch (left padding, so prompts end at the same position for generation).
 

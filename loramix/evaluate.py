@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from loramix.data import Example, collate
-from loramix.loops import device_of, prompt_mask, to_device
+from loramix.data import Example, collate, prompt_mask
+from loramix.loops import device_of, to_device
 from loramix.model import MixtureModel
 
 logger = logging.getLogger(__name__)
@@ -100,3 +100,25 @@ def router_confusion(
     total = sum(map(sum, confusion))
     correct = sum(confusion[i][i] for i in range(len(names)))
     return correct / max(total, 1), confusion
+
+
+@torch.no_grad()
+def gate_pattern(mm, examples_by_domain: dict[str, Sequence[Example]], pad_id: int, batch_size: int = 64) -> dict:
+    """Mean gate of every expert at every routing decision, per domain (what ``gates.png`` draws).
+
+    Returns:
+        ``{"where": [decision, ...], "experts": [...], "domains": {domain: [[gate per expert] per decision]}}``;
+        decisions are ``sequence`` (MoA), ``block.<i>`` (MoLE) or module paths (MoDULA).
+    """
+    device, where, out = device_of(mm), None, {}
+    for domain, examples in examples_by_domain.items():
+        sums, count = None, 0
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(collate(examples[i : i + batch_size], pad_id, prompt_only=True), device)
+            pattern = mm.gate_pattern(batch["input_ids"], batch["attention_mask"])
+            where = list(pattern)
+            stacked = torch.stack([pattern[w].float().sum(0) for w in where])  # [decisions, E]
+            sums = stacked if sums is None else sums + stacked
+            count += batch["input_ids"].shape[0]
+        out[domain] = (sums / max(count, 1)).tolist()
+    return {"where": where or [], "experts": list(mm.expert_names), "domains": out}

@@ -137,10 +137,6 @@ class Expert:
         self.config.save_pretrained(str(path))
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
 
-    def delta_weight(self, module: str) -> torch.Tensor:
-        """The dense update ``scale * B @ A`` of one module, ``[d_out, d_in]`` (flan variant only)."""
-        return self.scaling[module] * (self.lora_B[module].float() @ self.lora_A[module].float())
-
 
 def lora_scaling(config: LoraConfig, module: str, r: int) -> float:
     """PEFT's scale of one module: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), honouring ``alpha_pattern``."""
@@ -209,17 +205,24 @@ class ExpertBank:
         if problems:
             raise ValueError("experts do not fit the base model:\n  " + "\n  ".join(problems))
 
-    def stack(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stack(
+        self, module: str, order: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Concatenate every expert's LoRA of one module along the rank dimension.
 
+        Args:
+            order: the gate columns the owners index (default :attr:`names`).
+
         Returns:
-            ``A [R, d_in]``, ``B [d_out, R]``, ``expert_of_rank [R]`` (index into ``names``) and
+            ``A [R, d_in]``, ``B [d_out, R]``, ``expert_of_rank [R]`` (index into ``order``) and
             ``scale_of_rank [R]``, where ``R`` is the sum of the ranks adapting ``module``.
         """
+        order = order or self.names
         As, Bs, owner, scale = [], [], [], []
-        for i, expert in enumerate(self.experts.values()):
+        for expert in self.experts.values():
             if module not in expert.lora_A:
                 continue
+            i = order.index(expert.name)
             r = expert.lora_A[module].shape[0]
             As.append(expert.lora_A[module])
             Bs.append(expert.lora_B[module])

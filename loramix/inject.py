@@ -7,7 +7,8 @@ import logging
 from torch import nn
 
 from loramix.experts import Expert, ExpertBank
-from loramix.layers import MixtureLinear, Routing
+from loramix.layers import MixtureLinear
+from loramix.routing import Routing
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,19 @@ def inject(
     bank: ExpertBank,
     routing: Routing,
     *,
+    expert_names: list[str] | None = None,
     universal: Expert | None = None,
     variant: str = "flan",
 ) -> dict[str, MixtureLinear]:
     """Replace every module adapted by some expert with a :class:`MixtureLinear`, in place.
 
+    Args:
+        expert_names: the gate columns (default ``bank.names``); names not in the bank are
+            routed slots that own no ranks (MoDULA-Res's "universal alone").
+        universal: the MoDULA-Res trunk (``variant="res"``).
+
     Returns:
-        module path -> the new layer.
+        module path -> the new layer, in the base model's module order.
 
     Raises:
         ValueError: if the model already holds adapters, or experts do not fit it (one message).
@@ -52,20 +59,24 @@ def inject(
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ValueError("this model holds PEFT LoRA layers; pass the plain base (`peft_model.unload()`).")
     bank.check_base(model)
+    if (universal is None) != (variant != "res"):
+        raise ValueError("a universal trunk goes with `variant='res'` (MoDULA-Res) and only with it.")
     if universal is not None:
         ExpertBank({universal.name: universal}).check_base(model)
         missing = sorted(set(bank.modules) - set(universal.modules))
-        if missing and variant == "res":
+        if missing:
             raise ValueError(f"MoDULA-Res experts read the universal LoRA's output, but it does not adapt {missing}.")
     blocks = find_blocks(model)
-    keys = sorted(set(bank.modules) | set(universal.modules if universal else []))
+    names = list(expert_names or bank.names)
+    wanted = set(bank.modules) | set(universal.modules if universal else [])
+    keys = [name for name, _ in model.named_modules() if name in wanted]
     layers = {}
     for key in keys:
         parent_name, _, attr = key.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base_layer = getattr(parent, attr)
         if key in bank.modules:
-            A, B, owner, scale = bank.stack(key)
+            A, B, owner, scale = bank.stack(key, names)
         else:
             A = base_layer.weight.new_zeros(0, base_layer.in_features)
             B = base_layer.weight.new_zeros(base_layer.out_features, 0)
@@ -82,8 +93,9 @@ def inject(
             key=key,
             block=block_of(key, blocks),
             routing=routing,
+            n_experts=len(names),
             universal=uni,
-            variant=variant if uni is not None else "flan",
+            variant=variant,
         )
         setattr(parent, attr, layers[key])
     expected = sum(e.lora_A[m].numel() + e.lora_B[m].numel() for e in bank.experts.values() for m in e.modules)

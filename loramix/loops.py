@@ -8,14 +8,16 @@ runs with a torch AdamW here and a DeepSpeed engine in ``actors/``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loramix.config import OptimConfig, RouterConfig
@@ -94,6 +96,94 @@ class TorchStepper:
         return self.scheduler.get_last_lr()[0]
 
 
+@dataclass
+class Validation:
+    """Stop on the validation loss: ``steps`` becomes a maximum (as HF's EarlyStoppingCallback).
+
+    Every ``every`` steps ``validate()`` gives the loss of held-out rows; a value below
+    ``best * (1 - min_rel_delta)`` is an improvement. After ``patience`` evaluations without one
+    training stops (0: never). The weights of the best evaluation are kept: ``snapshot()`` copies
+    them, ``restore(copy)`` puts them back at the end (a DeepSpeed shell passes gather-aware ones).
+    """
+
+    validate: Callable[[], float]
+    every: int = 50
+    patience: int = 3
+    min_rel_delta: float = 0.01
+    snapshot: Callable[[], object] | None = None
+    restore: Callable[[object], None] | None = None
+    history: list[tuple[int, float]] = field(default_factory=list)
+    best: tuple[int, float] | None = None
+    _best_state: object = None
+    _bad: int = 0
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.every == 0 or last
+
+    def update(self, step: int) -> bool:
+        """Evaluate at ``step``; True when training should stop."""
+        loss = float(self.validate())
+        self.history.append((step, loss))
+        if self.best is None or loss < self.best[1] * (1 - self.min_rel_delta):
+            self.best, self._bad = (step, loss), 0
+            if self.snapshot is not None:
+                self._best_state = self.snapshot()
+            return False
+        self._bad += 1
+        return self.patience > 0 and self._bad >= self.patience
+
+    def finish(self, last_step: int) -> None:
+        """Put the best evaluation's weights back (if a later step is worse)."""
+        if self.best is not None and self.best[0] != last_step and self._best_state is not None:
+            self.restore(self._best_state)
+
+    def save(self, directory: Path) -> None:
+        """Write the state a resumed run needs (history, best, the best weights) to ``directory``."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {"history": self.history, "best": self.best, "bad": self._bad}
+        (directory / "validation.json").write_text(json.dumps(state))
+        if self._best_state is not None:
+            save_file(
+                {str(i): t.contiguous() for i, t in enumerate(self._best_state)}, str(directory / "best.safetensors")
+            )
+
+    def load(self, directory: Path) -> None:
+        """Take back what :meth:`save` wrote (nothing if the checkpoint has no validation state)."""
+        from safetensors.torch import load_file
+
+        if not (directory / "validation.json").is_file():
+            return
+        state = json.loads((directory / "validation.json").read_text())
+        self.history = [tuple(h) for h in state["history"]]
+        self.best = tuple(state["best"]) if state["best"] else None
+        self._bad = state["bad"]
+        if (directory / "best.safetensors").is_file():
+            tensors = load_file(str(directory / "best.safetensors"))
+            self._best_state = [tensors[str(i)] for i in range(len(tensors))]
+
+    @property
+    def still_improving(self) -> bool:
+        """The last evaluation was the best: more steps would likely have helped."""
+        return bool(self.history) and self.best is not None and self.best[0] == self.history[-1][0]
+
+
+def snapshot_trainable(model: nn.Module):
+    """``snapshot`` / ``restore`` pair over a module's trainable parameters (plain torch)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def snapshot():
+        return [p.detach().clone() for p in params]
+
+    def restore(saved):
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+    return snapshot, restore
+
+
 def run_steps(
     model: nn.Module,
     batches: Iterable[dict],
@@ -103,18 +193,26 @@ def run_steps(
     report: Report,
     log_every: int = 10,
     start_step: int = 0,
+    max_steps: int | None = None,
+    validation: Validation | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Optimise ``loss_fn`` over ``batches``; report ``loss, lr, tokens_per_s, grad_norm`` (+ extras).
 
+    Args:
+        max_steps: the last step (the schedule's length); with ``validation`` training may stop earlier.
+        validation: early stopping on held-out rows; its steps also report ``val_loss``.
+
     Returns:
-        ``{"steps", "final_loss", "losses", "seconds"}`` (``final_loss``: mean of the last 10 steps).
+        ``{"steps", "final_loss", "losses", "seconds"}`` (``final_loss``: mean of the last 10 steps),
+        plus with ``validation``: ``stopped`` (``early`` or ``max_steps``), ``best_step``,
+        ``val_losses`` ``[[step, loss], ...]`` and ``still_improving``.
     """
     model.train()
     device = device_of(model)
     losses: list[float] = []
     started = time.perf_counter()
-    step = start_step
+    step, stopped = start_step, "max_steps"
     for step, batch in enumerate(batches, start=start_step + 1):
         t0 = time.perf_counter()
         batch = to_device(batch, device)
@@ -131,6 +229,13 @@ def run_steps(
             "tokens_per_s": tokens / max(time.perf_counter() - t0, 1e-9),
             **extra,
         }
+        stop = False
+        if validation is not None and validation.due(step, step == max_steps):
+            model.eval()
+            with torch.no_grad():
+                stop = validation.update(step)
+            model.train()
+            metrics |= {"val_loss": validation.history[-1][1], "best_val_loss": validation.best[1]}
         if step % log_every == 0 or step == start_step + 1:
             logger.info(
                 "step %d | loss %.4f | lr %.2e | %.0f tok/s", step, losses[-1], metrics["lr"], metrics["tokens_per_s"]
@@ -138,14 +243,32 @@ def run_steps(
         report(metrics, None)
         if on_step is not None:
             on_step(step)
+        if stop:
+            stopped = "early"
+            logger.info(
+                "step %d: validation loss stopped improving (best %.4f at step %d); stopping",
+                step,
+                validation.best[1],
+                validation.best[0],
+            )
+            break
     model.eval()
     tail = losses[-10:]
-    return {
+    summary = {
         "steps": step,
         "final_loss": sum(tail) / max(len(tail), 1),
         "losses": losses,
         "seconds": time.perf_counter() - started,
     }
+    if validation is not None:
+        validation.finish(step)
+        summary |= {
+            "stopped": stopped,
+            "best_step": validation.best[0] if validation.best else None,
+            "val_losses": [list(h) for h in validation.history],
+            "still_improving": validation.still_improving,
+        }
+    return summary
 
 
 def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -154,65 +277,19 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     return out.loss, {}
 
 
-def prompt_mask(batch: dict) -> torch.Tensor:
-    """Positions of real prompt tokens: routing may look only at what inference will see."""
-    from loramix.data import IGNORE
-
-    return batch["attention_mask"] * (batch["labels"] == IGNORE).long()
-
-
-def router_loss_fn(recipe: str, expert_names: list[str], balance_coef: float) -> LossFn:
-    """The loss a recipe trains its router with.
-
-    - ``moa``: cross-entropy of the sequence router's logits against the domain label,
-      computed on the prompt alone (the router never sees the completion at inference).
-    - ``mole`` / ``modula``: LM loss of the routed mixture + ``balance_coef`` x balance loss.
-    """
-
-    def moa(mm, batch):
-        mask = prompt_mask(batch)
-        logits = mm.router.sequence_logits(mm, batch["input_ids"], mask)
-        loss = F.cross_entropy(logits, batch["domain"])
-        acc = (logits.argmax(-1) == batch["domain"]).float().mean()
-        return loss, {"router_accuracy": float(acc), **_load_metrics(logits.softmax(-1), expert_names)}
-
-    def lm_balance(mm, batch):
-        out = mm(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            route_mask=prompt_mask(batch),
-        )
-        loss = out.loss + balance_coef * out.aux_loss
-        gates = out.gates.detach()
-        acc = (gates.argmax(-1) == batch["domain"]).float().mean()
-        return loss, {
-            "lm_loss": float(out.loss.detach()),
-            "router_accuracy": float(acc),
-            **_load_metrics(gates, expert_names),
-        }
-
-    return moa if recipe == "moa" else lm_balance
-
-
-def _load_metrics(gates: torch.Tensor, expert_names: list[str]) -> dict:
-    gates = gates.detach().float()
-    entropy = -(gates * gates.clamp_min(1e-9).log()).sum(-1).mean()
-    load = gates.mean(0)
-    return {"router_entropy": float(entropy), **{f"expert_load/{n}": float(v) for n, v in zip(expert_names, load)}}
-
-
 def train_router(
     cfg: RouterConfig,
     mm,
     batches: Iterable[dict],
     *,
     report: Report,
-    recipe: str,
+    balance_coef: float | None = None,
+    label_coef: float = 0.0,
     stepper: Stepper | None = None,
     log_every: int = 10,
 ) -> dict:
-    """Train only the router of a :class:`~loramix.model.MixtureModel` (base and experts frozen)."""
+    """Train only the router of a :class:`~loramix.model.MixtureModel` (base and experts frozen),
+    on what its recipe trains it with (:meth:`Router.loss`: labels for MoA, LM + balance otherwise)."""
     if mm.router is None:
         raise ValueError("this mixture has no router to train; build it with router='moa'|'mole'|'modula'.")
     frozen = [n for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("router.")]
@@ -220,42 +297,14 @@ def train_router(
         raise ValueError(f"only router parameters may train, but {frozen[:3]} require grad.")
     n_train = sum(p.numel() for p in mm.router.parameters())
     n_frozen = sum(p.numel() for p in mm.base_model.parameters())
-    logger.info("router %s: %s trainable / %s frozen parameters", recipe, f"{n_train:,}", f"{n_frozen:,}")
+    logger.info("router %s: %s trainable / %s frozen parameters", mm.router.recipe, f"{n_train:,}", f"{n_frozen:,}")
     stepper = stepper or TorchStepper(mm.router.parameters(), cfg)
-    loss_fn = router_loss_fn(recipe, mm.expert_names, cfg.balance_coef)
-    return run_steps(mm, batches, loss_fn, stepper, report=report, log_every=log_every)
+    coef = balance_coef if balance_coef is not None else 0.0
 
+    def loss_fn(model, batch):
+        return model.router.loss(model, batch, coef, label_coef)
 
-def lora_config(cfg, *, init_lora_weights: bool = True):
-    """The PEFT ``LoraConfig`` of an expert or universal LoRA section."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=cfg.rank,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        init_lora_weights=init_lora_weights,
-    )
-
-
-def build_peft_model(base, cfg, universal: str | None = None, *, adapter_name: str = "default"):
-    """A PEFT model whose only trainable adapter is ``adapter_name``.
-
-    With a MoDULA ``universal`` LoRA directory, that LoRA is loaded under the new one and frozen:
-    the expert learns what the universal LoRA leaves to it (both active in the forward).
-    """
-    from peft import PeftModel, get_peft_model
-
-    lora = lora_config(cfg)
-    if universal is None:
-        return get_peft_model(base, lora, adapter_name=adapter_name)
-    model = PeftModel.from_pretrained(base, universal, adapter_name="universal")
-    model.add_adapter(adapter_name, lora)
-    model.base_model.set_adapter(["universal", adapter_name])  # marks both trainable; freeze universal below
-    for name, p in model.named_parameters():
-        p.requires_grad = f".{adapter_name}." in name
-    return model
+    return run_steps(mm, batches, loss_fn, stepper, report=report, log_every=log_every, max_steps=cfg.steps)
 
 
 def train_expert(
@@ -264,24 +313,32 @@ def train_expert(
     batches: Iterable[dict],
     *,
     report: Report,
-    universal: str | None = None,
+    trunk: str | None = None,
+    validation: Callable[[nn.Module], Validation] | None = None,
     stepper_factory: Callable[[nn.Module], Stepper] | None = None,
     log_every: int = 10,
 ):
-    """Train one PEFT LoRA on ``base_model`` (modified in place; pass a copy to keep it).
+    """Train one LoRA on ``base_model`` (modified in place; pass a copy to keep it).
 
     Args:
-        cfg: an :class:`~loramix.config.ExpertConfig` (rank, alpha, targets, optimizer).
-        universal: a MoDULA universal LoRA directory, frozen under the trained one.
-        stepper_factory: builds the optimizer stepper from the PEFT model (DeepSpeed in shells).
+        cfg: an :class:`~loramix.config.ExpertConfig` (rank, alpha, targets, optimiser; ``steps`` is the maximum).
+        trunk: a MoDULA-Res universal LoRA directory: train a Res expert on top of it, frozen.
+        validation: ``model -> Validation`` for early stopping (snapshots default to the model's LoRA).
+        stepper_factory: builds the optimizer stepper from the model (DeepSpeed in shells).
 
     Returns:
-        ``(peft_model, summary)``; save the trained adapter alone with
-        ``peft_model.save_pretrained(dir, selected_adapters=["default"])``.
+        ``(model, summary)``; :func:`loramix.trainees.save_trainee` writes the trained adapter.
     """
-    model = build_peft_model(base_model, cfg, universal)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("expert: %s trainable parameters (rank %d)", f"{n_train:,}", cfg.rank)
+    from loramix.trainees import build_trainee, trainable_parameters
+
+    model = build_trainee(base_model, cfg, trunk=trunk)
+    n_train = trainable_parameters(model)
+    logger.info("LoRA: %s trainable parameters (rank %d)", f"{n_train:,}", cfg.rank)
+    check = validation(model) if validation is not None else None
+    if check is not None and check.snapshot is None:
+        check.snapshot, check.restore = snapshot_trainable(model)
     stepper = stepper_factory(model) if stepper_factory else TorchStepper(model.parameters(), cfg)
-    summary = run_steps(model, batches, lm_loss, stepper, report=report, log_every=log_every)
-    return model, summary
+    summary = run_steps(
+        model, batches, lm_loss, stepper, report=report, log_every=log_every, max_steps=cfg.steps, validation=check
+    )
+    return model, summary | {"trainable_params": n_train}

@@ -21,8 +21,8 @@ from torch import nn
 
 from loramix.experts import Expert, ExpertBank
 from loramix.inject import find_blocks, inject
-from loramix.layers import MixtureLinear, Routing
-from loramix.routers import Router, RouterDims, balance_loss, build_router, masked_mean
+from loramix.routers import Router, RouterDims, balance_loss, build_router, mean_gates, per_sequence
+from loramix.routing import CallState, Routing
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,11 @@ class MixtureModel(nn.Module):
         router: a recipe name (``moa``, ``mole``, ``modula``), a :class:`Router`, or None
             (then every call needs ``expert_weights``).
         top_k: experts kept per route (renormalised).
-        universal: MoDULA's universal LoRA, applied to every input with gate 1.
-        variant: ``flan`` or ``res``, how domain experts combine with the universal LoRA.
+        universal: the MoDULA-Res trunk, applied to every input (``variant="res"``). A
+            MoDULA-Flan universal LoRA is an ordinary expert of the bank instead.
+        variant: ``flan`` (plain LoRA experts) or ``res`` (experts read the trunk's output).
+        null_experts: routed slots that add nothing, placed first in :attr:`expert_names`
+            (MoDULA-Res's ``universal``: a gate for "the trunk alone").
         router_kwargs: extra constructor arguments of the router (e.g. ``temperature``).
     """
 
@@ -50,17 +53,24 @@ class MixtureModel(nn.Module):
         top_k: int = 1,
         universal: Expert | None = None,
         variant: str = "flan",
+        null_experts: Sequence[str] = (),
         router_kwargs: Mapping | None = None,
     ):
         super().__init__()
         if hasattr(base_model, "peft_config"):
             raise TypeError("base_model is a PeftModel; pass the plain transformers model (`get_base_model()`).")
+        clash = sorted(set(null_experts) & set(bank.names))
+        if clash:
+            raise ValueError(f"null experts {clash} are also experts of the bank; rename one.")
         self.base_model = base_model
         self.base_model.requires_grad_(False)
-        self.expert_names: list[str] = bank.names
+        self.expert_names: list[str] = [*null_experts, *bank.names]
+        self.null_experts = list(null_experts)
         self.variant = variant
         self.routing = Routing()
-        self.layers = inject(base_model, bank, self.routing, universal=universal, variant=variant)
+        self.layers = inject(
+            base_model, bank, self.routing, expert_names=self.expert_names, universal=universal, variant=variant
+        )
         self.universal = universal
         self._configs = {name: expert.config for name, expert in bank.experts.items()}
         self.blocks = find_blocks(base_model)
@@ -72,8 +82,6 @@ class MixtureModel(nn.Module):
                 raise ValueError(f"router experts {router.expert_names} differ from the mixture's {self.expert_names}.")
             self.router = router.to(self._device())
         self.routing.router = self.router
-        for i, path in enumerate(self.blocks):
-            self.base_model.get_submodule(path).register_forward_pre_hook(self._block_hook(i))
 
     @classmethod
     def from_adapters(
@@ -85,6 +93,7 @@ class MixtureModel(nn.Module):
         top_k: int = 1,
         universal: str | Path | Expert | None = None,
         variant: str = "flan",
+        null_experts: Sequence[str] = (),
         **router_kwargs,
     ) -> MixtureModel:
         """Build a mixture from PEFT LoRA adapter directories ``{expert_name: path}``."""
@@ -92,7 +101,14 @@ class MixtureModel(nn.Module):
         if universal is not None and not isinstance(universal, Expert):
             universal = Expert.from_dir("universal", universal)
         return cls(
-            base_model, bank, router, top_k=top_k, universal=universal, variant=variant, router_kwargs=router_kwargs
+            base_model,
+            bank,
+            router,
+            top_k=top_k,
+            universal=universal,
+            variant=variant,
+            null_experts=null_experts,
+            router_kwargs=router_kwargs,
         )
 
     # ----------------------------------------------------------------------------- helpers
@@ -104,19 +120,17 @@ class MixtureModel(nn.Module):
         return self.base_model.config
 
     def router_dims(self) -> RouterDims:
+        gate_layers = {}  # MoLE reads a block's first square adapted linear (in module order: it runs first)
+        for key, layer in self.layers.items():
+            square = layer.in_features == layer.out_features
+            if layer.block is not None and layer.ranks and square and layer.block not in gate_layers:
+                gate_layers[layer.block] = (key, layer.out_features)
         return RouterDims(
             hidden_size=self.base_model.config.hidden_size,
             num_blocks=len(self.blocks),
             layer_in_features={k: layer.in_features for k, layer in self.layers.items()},
+            gate_layers=gate_layers,
         )
-
-    def _block_hook(self, block: int):
-        def hook(module, args, kwargs=None):
-            if self.router is not None and not self.routing.disabled and self.routing.weights is None:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self.router.block_start(self.routing, block, hidden)
-
-        return hook
 
     def check_expert_weights(self, weights, batch: int) -> torch.Tensor:
         """Validate ``expert_weights`` (``[batch, E]`` or ``[E]``) into a float tensor on the model's device."""
@@ -135,26 +149,29 @@ class MixtureModel(nn.Module):
 
     @contextmanager
     def _routed(
-        self, input_ids, attention_mask, expert_weights, *, freeze: bool, record: bool = True
-    ) -> Iterator[Routing]:
-        routing = self.routing
-        routing.reset()
+        self, input_ids, attention_mask, expert_weights, *, freeze: bool, record: bool = True, tokens=None
+    ) -> Iterator[CallState]:
+        """Open one call's routing state: fixed weights (explicit, or a sequence router's), or none
+        and the router decides inside the forward. Closed (dropped) whatever happens.
+
+        ``attention_mask`` is what sequence/block routers pool over (the prompt); ``tokens`` the
+        real tokens of the call (default: the same)."""
+        tokens = attention_mask if tokens is None else tokens
+        call = self.routing.begin(
+            pool_mask=attention_mask, attention_mask=tokens, freeze=freeze, record=[] if record else None
+        )
         try:
-            routing.pool_mask = attention_mask
-            routing.freeze = freeze
-            routing.record = [] if record else None
             if expert_weights is not None:
-                routing.set_weights(self.check_expert_weights(expert_weights, input_ids.shape[0]))
+                call.set_weights(self.check_expert_weights(expert_weights, input_ids.shape[0]))
             elif self.router is None:
                 raise ValueError("this mixture has no router: pass `expert_weights` [batch, n_experts].")
-            elif self.router.granularity == "sequence":
-                logits = self.router.sequence_logits(self, input_ids, attention_mask)
-                routing.record = [(self.router.gates(logits), None)]
-                routing.router_logits = logits
-                routing.set_weights(routing.record[0][0])
-            yield routing
+            else:
+                weights = self.router.prompt_weights(self, input_ids, attention_mask, call)
+                if weights is not None:
+                    call.set_weights(weights)
+            yield call
         finally:
-            routing.reset()
+            self.routing.end()
 
     def base_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Hidden states of the plain base (experts off): embeddings + every block's output."""
@@ -182,19 +199,20 @@ class MixtureModel(nn.Module):
                 (default ``attention_mask``); training passes the prompt only, as inference sees.
 
         Returns:
-            The base model's output plus ``router_logits`` (sequence routers, else None),
-            ``aux_loss`` (balance loss of the gates used; 0 with ``expert_weights``) and
-            ``gates`` (``[batch, E]`` mean gates, None with ``expert_weights``).
+            The base model's output plus ``aux_loss`` (the balance loss of the router's decisions;
+            0 with ``expert_weights``), ``gates`` (``[batch, E]`` mean gates, None with
+            ``expert_weights``) and ``routes`` (every decision, :class:`RouteRecord`).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pool = attention_mask if route_mask is None else route_mask
-        with self._routed(input_ids, pool, expert_weights, freeze=False) as routing:
+        with self._routed(input_ids, pool, expert_weights, freeze=False, tokens=attention_mask) as call:
             kwargs.setdefault("position_ids", position_ids(attention_mask))
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-            out.router_logits = getattr(routing, "router_logits", None)
-            out.aux_loss = gate_balance_loss(routing.record) if expert_weights is None else out.logits.new_zeros(())
-            out.gates = summarize_gates(routing.record, pool)
+        routed = expert_weights is None and bool(call.record)
+        out.aux_loss = balance_loss(call.record) if routed else out.logits.new_zeros(())
+        out.gates = mean_gates(call.record, pool) if routed else None
+        out.routes = call.record if routed else []
         return out
 
     @torch.no_grad()
@@ -204,9 +222,21 @@ class MixtureModel(nn.Module):
             raise ValueError("this mixture has no router, so it cannot route; pass `expert_weights` instead.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.router.granularity == "sequence":
-            return self.router.gates(self.router.sequence_logits(self, input_ids, attention_mask))
+        if self.router.fixed_per_prompt:
+            with self._routed(input_ids, attention_mask, None, freeze=False) as call:
+                return call.weights
         return self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1).gates
+
+    @torch.no_grad()
+    def gate_pattern(self, input_ids, attention_mask=None) -> dict[str, torch.Tensor]:
+        """Each routing decision's per-prompt gates ``{where: [batch, E]}``: ``sequence``,
+        ``block.<i>`` (MoLE) or a module path (MoDULA), in the order the model takes them."""
+        if self.router is None:
+            raise ValueError("this mixture has no router, so it has no gate pattern.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        return {r.where: per_sequence(r, attention_mask) for r in out.routes}
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, expert_weights=None, **kwargs):
@@ -234,8 +264,9 @@ class MixtureModel(nn.Module):
         """Inside ``decoding(record_route=True)``, after the prompt's forward: the mean gates
         ``[batch, E]`` the router gave each prompt (as :meth:`route` reports them), then stop
         recording. Saves block/token routers a second prompt forward just to report the route."""
-        record, self.routing.record = self.routing.record, None
-        return summarize_gates(record, attention_mask)
+        call = self.routing.call
+        record, call.record = call.record, None
+        return mean_gates(record, attention_mask) if record else None
 
     def cast_experts(self, dtype: torch.dtype) -> MixtureModel:
         """Hold the experts (and universal LoRA) in ``dtype`` only.
@@ -261,8 +292,12 @@ class MixtureModel(nn.Module):
         self.router.masked.copy_(torch.tensor([n in names for n in self.expert_names]))
 
     def experts(self) -> dict[str, Expert]:
-        """The experts as they are now held by the layers (for saving)."""
-        return {name: self._expert_from_layers(i, name) for i, name in enumerate(self.expert_names)}
+        """The experts as they are now held by the layers (for saving); null experts hold nothing."""
+        return {
+            name: self._expert_from_layers(i, name)
+            for i, name in enumerate(self.expert_names)
+            if name not in self.null_experts
+        }
 
     def _expert_from_layers(self, i: int, name: str) -> Expert:
         lora_A, lora_B, scaling = {}, {}, {}
@@ -292,7 +327,7 @@ class MixtureModel(nn.Module):
         return load_mixture(cls, path, base_model, **base_kwargs)
 
     def merged_base(self, weights) -> nn.Module:
-        """A plain copy of the base with ``sum_e w_e dW_e`` (+ universal) merged into its weights.
+        """A plain copy of the base with ``sum_e w_e dW_e`` merged into its weights.
 
         Zero adapter overhead: what routed serving gives each expert's own deployment.
         """
@@ -306,8 +341,6 @@ class MixtureModel(nn.Module):
             merged = copy.deepcopy(layer.base_layer)
             merged.weight.data += layer.delta_weight(w).to(merged.weight.dtype)
             setattr(parent, attr, merged)
-        for hook_owner in model.modules():
-            hook_owner._forward_pre_hooks.clear()
         return model
 
 
@@ -316,18 +349,4 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def gate_balance_loss(record) -> torch.Tensor | None:
-    if not record:
-        return None
-    return torch.stack([balance_loss(g if m is None else g[m.bool()]) for g, m in record]).mean()
-
-
-def summarize_gates(record, attention_mask) -> torch.Tensor | None:
-    """Mean gates per sequence ``[batch, E]`` over every recorded route (blocks, layers, tokens)."""
-    if not record:
-        return None
-    per_route = [g if g.dim() == 2 else masked_mean(g, attention_mask) for g, _ in record]
-    return torch.stack(per_route).mean(0)
-
-
-__all__ = ["MixtureModel", "MixtureLinear", "position_ids"]
+__all__ = ["MixtureModel", "position_ids"]

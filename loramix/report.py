@@ -1,4 +1,8 @@
-"""The run report: ``report.json`` (machine-readable), ``report.md`` (the table) and PNG plots."""
+"""The run report: ``report.json`` (machine-readable), ``report.md`` (the table) and PNG plots.
+
+One report whoever ran the stages (``loramix demo`` or ``loramix run``): :func:`write_run_report`
+takes the plan's typed results.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,88 @@ from pathlib import Path
 
 from loramix.artifact import write_json
 from loramix.config import LoramixConfig, config_hash
+from loramix.plan import METHODS, EvalResult, LoraResult, Result, RouterResult
 
 logger = logging.getLogger(__name__)
+
+# An expert this far below the multitask LoRA on its own domain is flagged as under-trained.
+UNDERTRAINED_GAP = 0.05
+TRAINING_KEYS = (
+    "zero_stage",
+    "num_workers",
+    "steps",
+    "max_steps",
+    "stopped",
+    "best_step",
+    "final_loss",
+    "seconds",
+    "trainable_params",
+    "data",
+    "node_ids",
+    "losses",
+    "val_losses",
+)
+
+
+def training_row(result: Result) -> dict:
+    data = result.to_json()
+    if isinstance(result, RouterResult):
+        data |= {"zero_stage": None, "num_workers": 1}
+    return {k: data[k] for k in TRAINING_KEYS if k in data}
+
+
+def method_row(result: EvalResult) -> dict:
+    if result.error is not None:
+        return {"error": result.error}
+    row = {"per_domain": result.per_domain, "avg": result.avg}
+    if result.general is not None:
+        row["general"] = result.general
+    return row
+
+
+def undertrained(cfg: LoramixConfig, results: dict[str, Result], methods: dict) -> list[str]:
+    """Warnings for experts far from converged: an oracle score well below the multitask LoRA's on the
+    expert's own domain, or a validation loss still falling when `expert.steps` ran out."""
+    warnings = []
+    oracle, multi = methods.get("oracle", {}), methods.get("multitask_lora", {})
+    for d in cfg.data.domains:
+        lora = results.get(f"expert/{d.name}")
+        if not isinstance(lora, LoraResult):
+            continue
+        reasons = []
+        if "per_domain" in oracle and "per_domain" in multi:
+            own, multitask = oracle["per_domain"][d.name]["exact_match"], multi["per_domain"][d.name]["exact_match"]
+            if own < multitask - UNDERTRAINED_GAP:
+                reasons.append(f"its exact match {own:.3f} is below the multitask LoRA's {multitask:.3f} on `{d.name}`")
+        if lora.stopped == "max_steps" and lora.still_improving and lora.val_losses:
+            reasons.append(f"its validation loss was still falling at step {lora.steps} (`expert.steps`)")
+        if reasons:
+            warnings.append(
+                f"expert `{d.name}` looks under-trained: {'; '.join(reasons)}. Raise `expert.steps` "
+                f"(now {cfg.expert.steps}) or `expert.lr` (now {cfg.expert.lr:g}), or check its data."
+            )
+    return warnings
+
+
+def write_run_report(
+    out: str | Path, cfg: LoramixConfig, results: dict[str, Result], *, timings: dict, cached: list[str]
+) -> dict:
+    """Assemble and write the report of a finished plan (``results`` keyed by stage name)."""
+    methods = {m: method_row(results[f"eval/{m}"]) for m in METHODS if f"eval/{m}" in results}
+    mixture = results.get("eval/mixture")
+    training = {k: training_row(v) for k, v in results.items() if isinstance(v, LoraResult | RouterResult)}
+    extra = {"cached_stages": sorted(cached), "warnings": undertrained(cfg, results, methods)}
+    if "universal" in results:
+        extra["universal"] = {"variant": cfg.universal.variant, "data": results["universal"].data}
+    return write_report(
+        out,
+        cfg,
+        methods=methods,
+        router=(mixture.router if mixture else None) or {},
+        training=training,
+        timings=timings,
+        extra=extra,
+    )
 
 
 def write_report(
@@ -21,7 +105,7 @@ def write_report(
     timings: dict,
     extra: dict | None = None,
 ) -> dict:
-    """Assemble, write and return the report. Loss curves go to ``curves.json`` and ``loss_curves.png``."""
+    """Write and return the report. Loss curves go to ``curves.json`` and ``loss_curves.png``."""
     out = Path(out)
     curves = {job: t.pop("losses") for job, t in training.items() if "losses" in t}
     report = {
@@ -38,6 +122,8 @@ def write_report(
     write_json(out / "curves.json", curves)
     (out / "report.md").write_text(format_report(report) + "\n")
     try:
+        from loramix.plots import plot_report
+
         plot_report(report, curves, out)
     except ImportError:  # matplotlib is a dependency; a broken install should not lose the report
         logger.warning("matplotlib unavailable; skipped the plots")
@@ -45,70 +131,27 @@ def write_report(
 
 
 def format_report(report: dict) -> str:
-    """Markdown: exact match per domain and method, then router accuracy."""
+    """Markdown: exact match per domain and method (+ general skill), router accuracy, warnings."""
     names = report["domains"]
+    general = any("general" in row for row in report["methods"].values())
+    head = ["method", *names, "avg EM", "avg loss", *(["general EM"] if general else [])]
     lines = [
         f"recipe `{report['recipe']}`, config {report['config_hash']}",
         "",
-        "| method | " + " | ".join(names) + " | avg EM | avg loss |",
-        "|---" * (len(names) + 3) + "|",
+        "| " + " | ".join(head) + " |",
+        "|---" * len(head) + "|",
     ]
     for method, row in report["methods"].items():
         if "error" in row:
             lines.append(f"| {method} | " + " | ".join("-" for _ in names) + f" | error: {row['error'][:60]} | |")
             continue
         cells = [f"{row['per_domain'][n]['exact_match']:.3f}" for n in names]
-        lines.append(
-            f"| {method} | " + " | ".join(cells) + f" | {row['avg']['exact_match']:.3f} | {row['avg']['loss']:.3f} |"
-        )
-    lines.append(f"\nrouter accuracy: {report['router']['accuracy']:.3f}")
+        cells += [f"{row['avg']['exact_match']:.3f}", f"{row['avg']['loss']:.3f}"]
+        if general:
+            cells.append(f"{row['general']['exact_match']:.3f}" if "general" in row else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if report["router"]:
+        lines.append(f"\nrouter accuracy: {report['router']['accuracy']:.3f}")
+    for warning in report.get("warnings", []):
+        lines.append(f"\nWARNING: {warning}")
     return "\n".join(lines)
-
-
-def plot_report(report: dict, curves: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = report["domains"]
-    methods = {m: r for m, r in report["methods"].items() if "error" not in r}
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(names), 4))
-    width = 0.8 / max(len(methods), 1)
-    for i, (method, row) in enumerate(methods.items()):
-        ax.bar(
-            np.arange(len(names)) + i * width, [row["per_domain"][n]["exact_match"] for n in names], width, label=method
-        )
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=3)
-    ax.set_title(f"exact match per domain ({report['recipe']})")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-
-    labels = report["router"].get("labels", names)
-    fig, ax = plt.subplots(figsize=(2 + 0.8 * len(labels), 2 + 0.8 * len(labels)))
-    ax.imshow(np.array(report["router"]["confusion"]), cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("routed to")
-    ax.set_ylabel("true domain")
-    for (r, c), v in np.ndenumerate(np.array(report["router"]["confusion"])):
-        ax.text(c, r, str(v), ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for job, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=job, linewidth=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=100)
-    plt.close(fig)

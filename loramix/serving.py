@@ -250,7 +250,7 @@ class Engine:
         explicit = [i for i in every if requests[i].expert_weights is not None]
         routed = [i for i in every if requests[i].expert_weights is None]
         weights = {i: list(map(float, requests[i].expert_weights)) for i in explicit}
-        if routed and self.mixture.router.granularity == "sequence":
+        if routed and self.mixture.router.fixed_per_prompt:
             for i, w in zip(routed, self.route([requests[i].prompt_ids for i in routed])):
                 weights[i] = w
             routed = []

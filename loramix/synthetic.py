@@ -162,8 +162,7 @@ def demo_artifact(
     torch.manual_seed(seed + 100)  # a briefly trained router, so prompts route by their cue word
     rows = [e for i, n in enumerate(experts) for e in data.tokenize_rows(make_rows(n, 64, seed), tokenizer, 32, i)]
     it = data.batches(rows, 32, tokenizer.pad_token_id, seed=seed, steps=router_steps)
-    loops.train_router(RouterConfig(steps=router_steps, lr=2e-2, warmup_ratio=0), mm, it, report=lambda m, c=None: None,
-                       recipe=recipe)  # fmt: skip
+    loops.train_router(RouterConfig(steps=router_steps, lr=2e-2, warmup_ratio=0), mm, it, report=lambda m, c=None: None)
     mm.eval()
     mm.save_pretrained(path, base_path=str((path.parent / f"{path.name}-base").resolve()))
     tokenizer.save_pretrained(str(path / "tokenizer"))

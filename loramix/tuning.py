@@ -1,8 +1,8 @@
 """The body of one hyperparameter-search trial, without Ray: train a router over given experts
 and validate it at fixed points, so a scheduler (ASHA) can stop weak trials early.
 
-    router_trial(cfg, base_info, adapters, report=tune.report)   # the Ray Tune shell
-    router_trial(cfg, base_info, adapters, report=seen.append)   # tests
+    router_trial(cfg, results, report=tune.report)   # the Ray Tune shell (results: the plan's LoRA stages)
+    router_trial(cfg, results, report=seen.append)   # tests
 
 The metric is ``accuracy``: mean exact match over the domains' ``eval`` split (first
 ``data.eval_limit`` rows); ``val_loss`` (mean completion loss there) breaks ties. Tune
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from loramix import evaluate, loops, stages
+from loramix import evaluate, loops, recipes, stages
 from loramix.config import LoramixConfig
 
 logger = logging.getLogger(__name__)
@@ -37,19 +37,15 @@ def validate(mm, evals: dict, tokenizer) -> dict[str, tuple[float, float]]:
         mm.train()
 
 
-def router_trial(
-    cfg: LoramixConfig,
-    base_info: dict,
-    adapters: dict[str, str],
-    *,
-    report: Callable[[dict], None],
-    universal: str | None = None,
-) -> dict:
-    """Train ``cfg``'s router over ``adapters``; at ``tune.evals_per_trial`` points report
+def router_trial(cfg: LoramixConfig, results: dict, *, report: Callable[[dict], None]) -> dict:
+    """Train ``cfg``'s router over the experts in ``results`` (the plan's ``base``, ``expert/<d>``
+    and ``universal`` results); at ``tune.evals_per_trial`` points report
     ``{"accuracy", "val_loss", "router_step", "loss", "accuracy/<domain>"...}``. Returns the last report."""
-    tokenizer = stages.load_tokenizer(base_info)
-    mm, batches = stages.router_setup(cfg, base_info, adapters, tokenizer, universal)
-    evals = stages.domain_examples(cfg, tokenizer, "eval")
+    base = results["base"]
+    tokenizer = stages.load_tokenizer(base)
+    universal = results["universal"].path if "universal" in results else None
+    mm, batches = stages.router_setup(cfg, base, stages.adapters_of(cfg, results), universal, tokenizer)
+    evals = stages.eval_examples(cfg, tokenizer)
     points = set(eval_steps(cfg.router.steps, cfg.tune.evals_per_trial))
     last: dict = {}
 
@@ -65,5 +61,7 @@ def router_trial(
         logger.info("router step %d: %s %.3f", metrics["step"], METRIC, last[METRIC])
         report(dict(last))
 
-    loops.train_router(cfg.router, mm, batches, report=on_step, recipe=cfg.recipe, log_every=cfg.train.log_every)
+    loops.train_router(
+        cfg.router, mm, batches, report=on_step, balance_coef=recipes.balance_coef(cfg), log_every=cfg.train.log_every
+    )
     return last

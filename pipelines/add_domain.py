@@ -14,7 +14,6 @@ from pathlib import Path
 from loramix.artifact import read_json, write_json
 from loramix.config import ConfigError, DomainConfig, load_config
 from loramix.report import format_report
-from loramix.stages import multitask_optim
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +35,13 @@ def add_domain(output: str | Path, name: str, train: str, eval_path: str | None,
     report = run_pipeline(cfg, out, address)
     old = before["methods"]["mixture"]["per_domain"]
     new = report["methods"]["mixture"]["per_domain"]
-    n_all = len(cfg.data.domains)
+    new_steps = report["training"][f"expert/{name}"]["steps"]
+    multitask_steps = report["training"]["multitask_lora"]["steps"]
     report["add_domain"] = {
         "name": name,
-        "new_expert_steps": cfg.expert.steps,
-        "multitask_steps_all_domains": multitask_optim(cfg).steps,
-        "compute_ratio": 1 / n_all,  # same batch size and model: steps are the compute
+        "new_expert_steps": new_steps,
+        "multitask_steps_all_domains": multitask_steps,
+        "compute_ratio": new_steps / max(multitask_steps, 1),  # same batch size and model: steps are the compute
         "retrained_stages": sorted(set(report["training"]) - set(report.get("cached_stages", []))),
         "old_domains": {
             d: {

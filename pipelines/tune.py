@@ -30,23 +30,17 @@ from ray import tune
 import tune_spaces
 from actors.expert_cache import ExpertCacheActor
 from actors.progress import ProgressActor
-from loramix import stages
-from loramix.artifact import StageStore, file_digest
+from actors.stage_tasks import launch
+from loramix import plan
 from loramix.config import LoramixConfig, apply_values, build_config, dump_config
 from loramix.demo import ensure_demo_data
 from loramix.tuning import METRIC, router_trial
-from pipelines.run import base_digest, base_stage, connect, expert_digest, universal_digest
+from pipelines.run import connect
 
 logger = logging.getLogger(__name__)
 
 
-def _ask(cache, job: str, digest: str, kwargs: dict) -> tuple[str, dict]:
-    """Ask the cache for a LoRA: launches its training unless it is done or already under way."""
-    return digest, ray.get(cache.get.remote(job, digest, kwargs))
-
-
-def _wait(cache, asked: tuple[str, dict]) -> dict:
-    digest, answer = asked
+def _wait(cache, digest: str, answer: dict):
     if "result" in answer:
         return answer["result"]
     try:
@@ -56,35 +50,37 @@ def _wait(cache, asked: tuple[str, dict]) -> dict:
         raise
 
 
-def trial(params: dict, *, cfg_dict: dict, base_info: dict, h_base: str, data: dict, cache, progress) -> None:
-    """One Tune trial: shared experts (all asked for at once, so new ones train concurrently),
-    then router training with validation reports."""
+def trial(params: dict, *, cfg_dict: dict, base: plan.BaseResult, cache) -> None:
+    """One Tune trial: its LoRA stages from the shared cache (asked for at once, so new ones train
+    concurrently), then router training with validation reports."""
     cfg = build_config(apply_values(cfg_dict, params), source=f"tune trial {params}")
-    common = dict(cfg_dict=cfg.model_dump(mode="json"), base_info=base_info, progress=progress)
-    universal, h_uni = None, None
-    if cfg.universal.enabled:
-        h_uni = universal_digest(cfg, h_base, list(data.values()))  # config order, as `loramix run`
-        optim = stages.universal_optim(cfg).model_dump(mode="json")
-        kwargs = dict(domains=list(data), optim=optim, run_name=f"universal-{h_uni}")
-        universal = _wait(cache, _ask(cache, "universal", h_uni, kwargs | {"universal": None} | common))["path"]
-    asked = {}
-    for name, digest in data.items():
-        h = expert_digest(cfg, h_base, h_uni, digest)
-        kwargs = dict(domains=[name], optim=cfg.expert.model_dump(mode="json"), run_name=f"expert-{name}-{h}")
-        asked[name] = _ask(cache, f"expert/{name}", h, kwargs | {"universal": universal} | common)
-    adapters = {name: _wait(cache, a)["path"] for name, a in asked.items()}
-    router_trial(cfg, base_info, adapters, report=tune.report, universal=universal)
+    ctx = plan.Context.create(cfg)
+    stages_ = {s.name: s for s in plan.build_plan(cfg)}
+    hashes = plan.digests(list(stages_.values()), ctx)
+    results: dict = {"base": base}
+
+    def ask(name: str) -> dict:
+        stage = stages_[name]
+        return ray.get(cache.get.remote(stage, ctx, hashes[name], [results[d] for d in stage.deps]))
+
+    names = [s.name for s in stages_.values() if s.kind == "lora" and not s.budget_from]
+    if "universal" in names:  # MoDULA-Res experts read it: it comes first
+        results["universal"] = _wait(cache, hashes["universal"], ask("universal"))
+        names.remove("universal")
+    asked = {name: ask(name) for name in names}
+    results |= {name: _wait(cache, hashes[name], answer) for name, answer in asked.items()}
+    router_trial(cfg, results, report=tune.report)
 
 
-def _prepare(cfg: LoramixConfig, shared: Path, progress) -> tuple[dict, str]:
-    h_base = base_digest(cfg)
-    store = StageStore(shared)
-    base = store.done("base", h_base)
-    if base is None:
-        base = ray.get(
-            base_stage.remote(cfg.model_dump(mode="json"), str(shared / "base"), str(shared), h_base, progress)
-        )
-    return base, h_base
+def _prepare(cfg: LoramixConfig, progress) -> plan.BaseResult:
+    """The base, shared by every trial (prepared once, reused by a resumed search)."""
+    ctx = plan.Context.create(cfg)
+    stage = plan.BaseStage("base")
+    digest = plan.digests([stage], ctx)["base"]
+    done = ctx.store.done("base", digest)
+    if done is not None:
+        return plan.BaseResult.from_json(done)
+    return ray.get(launch(stage, ctx, digest, progress, []))
 
 
 def _tuner(cfg: LoramixConfig, space: dict, trainable, storage: Path) -> tune.Tuner:
@@ -141,18 +137,21 @@ def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str 
     connect(address)
     t0 = time.perf_counter()
     progress = ProgressActor.remote()
-    base_info, h_base = _prepare(cfg, shared, progress)
+    base = _prepare(cfg, progress)
     cache = ExpertCacheActor.remote(str(shared))
-    data = {d.name: file_digest(d.train) for d in cfg.data.domains}
     trainable = tune.with_resources(
-        partial(trial, cfg_dict=cfg.model_dump(mode="json"), base_info=base_info, h_base=h_base, data=data,
-                cache=cache, progress=progress),
+        partial(trial, cfg_dict=cfg.model_dump(mode="json"), base=base, cache=cache),
         {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
-    )  # fmt: skip
+    )
     grid = _tuner(cfg, space, trainable, out / "tune" / "ray").fit()
     launched = ray.get(cache.stats.remote())["launched"]
-    return write_results(grid, cfg.model_copy(update={"output": str(out / "best")}), out / "tune", launched,
-                         seconds=time.perf_counter() - t0)  # fmt: skip
+    return write_results(
+        grid,
+        cfg.model_copy(update={"output": str(out / "best")}),
+        out / "tune",
+        launched,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def best_config(cfg: LoramixConfig, params: dict) -> str:

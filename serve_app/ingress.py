@@ -80,19 +80,26 @@ class IngressDeployment:
         base_config = AutoConfig.from_pretrained(resolve_base(manifest["base_model"], Path(artifact)))
         recipe = (manifest.get("router") or {}).get("recipe")
         self.dispatcher = Dispatcher(
-            self.cfg, manifest["expert_names"], self.tokenizer, base_config.max_position_embeddings,
-            fused, router, experts or {},
-            sequence_router=recipe is not None and ROUTERS[recipe].granularity == "sequence",
-        )  # fmt: skip
+            self.cfg,
+            manifest["expert_names"],
+            self.tokenizer,
+            base_config.max_position_embeddings,
+            fused,
+            router,
+            experts or {},
+            sequence_router=recipe is not None and ROUTERS[recipe].fixed_per_prompt,
+        )
         self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY") or None
         tags = ("model", "expert", "target")
         self.m_requests = metrics.Counter("loramix_requests", "Completed requests.", tag_keys=tags)
         self.m_tokens = metrics.Counter("loramix_completion_tokens", "Generated tokens.", tag_keys=tags)
         self.m_prompt = metrics.Counter("loramix_prompt_tokens", "Prompt tokens.", tag_keys=tags)
         self.m_latency = metrics.Histogram(
-            "loramix_latency_s", "Request latency (s).", boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+            "loramix_latency_s",
+            "Request latency (s).",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
             tag_keys=tags,
-        )  # fmt: skip
+        )
 
     # -------------------------------------------------------------------------------- plumbing
     def _auth(self, request: Request) -> None:
@@ -186,8 +193,14 @@ class IngressDeployment:
             for i, r in enumerate(results)
         ]
         usage = _total_usage(plans, results)
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": choices, "usage": usage}  # fmt: skip
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": usage,
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -205,14 +218,30 @@ class IngressDeployment:
             choice = {"index": 0, "delta": message, "finish_reason": delta["finish_reason"], "logprobs": None}
             if delta.get("route"):
                 choice["route"] = delta["route"]
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [choice]}  # fmt: skip
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [choice],
+            }
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(plans[0], _none_safe(chunk), include), media_type="text/event-stream")
         r = await self._run(plans[0])
-        choice = {"index": 0, "message": {"role": "assistant", "content": r["text"]},
-                  "finish_reason": r["finish_reason"], "logprobs": None, "route": r["route"]}  # fmt: skip
-        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [choice], "usage": _usage(plans[0], r)}  # fmt: skip
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": r["text"]},
+            "finish_reason": r["finish_reason"],
+            "logprobs": None,
+            "route": r["route"],
+        }
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [choice],
+            "usage": _usage(plans[0], r),
+        }

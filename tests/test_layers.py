@@ -5,7 +5,8 @@ import torch
 from helpers import assert_close
 from tiny import TinyMLP
 
-from loramix.layers import MixtureLinear, Routing
+from loramix.layers import MixtureLinear
+from loramix.routing import Routing
 
 
 def make_layer(ranks=(2, 3, 4), universal=None, variant="flan", seed=0, d_in=10, d_out=20):
@@ -16,6 +17,7 @@ def make_layer(ranks=(2, 3, 4), universal=None, variant="flan", seed=0, d_in=10,
     owner = torch.cat([torch.full((r,), i) for i, r in enumerate(ranks)])
     scale = torch.cat([torch.full((r,), 0.5 * (i + 1)) for i, r in enumerate(ranks)])
     routing = Routing()
+    routing.begin()  # one call's state, as MixtureModel opens it
     layer = MixtureLinear(
         base,
         torch.cat(A),
@@ -39,7 +41,7 @@ def test_uniform_gates_give_mean_of_experts():
     layer, routing, A, B = make_layer()
     x = torch.randn(4, 5, 10)
     base = layer.base_layer(x)
-    routing.set_weights(torch.full((4, 3), 1 / 3))
+    routing.call.set_weights(torch.full((4, 3), 1 / 3))
     want = base + sum(expert_out(layer, A, B, i, x) for i in range(3)) / 3
     assert_close(layer(x), want)
 
@@ -62,38 +64,61 @@ def test_zero_gate_experts_are_skipped_with_same_result():
     layer, routing, A, B = make_layer()
     x = torch.randn(3, 4, 10)
     w = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.0]])
-    routing.set_weights(w)
+    routing.call.set_weights(w)
     out = layer(x)
-    assert routing.active == (False, True, False)
-    assert list(layer._slices[routing.active].tolist()) == [2, 3, 4]  # only expert 1's ranks
+    assert routing.call.active == (False, True, False)
+    assert list(layer._slices[routing.call.active].tolist()) == [2, 3, 4]  # only expert 1's ranks
     want = layer.base_layer(x) + w[:, 1, None, None] * expert_out(layer, A, B, 1, x)
     assert_close(out, want)
 
 
-def test_universal_flan_and_res():
+def test_res_trunk_feeds_experts_through_leaky_relu():
+    """MoDULA-Res: h = s_u B_u A_u x, y = W0 x + h + sum_i g_i s_i B_i LeakyReLU(A_i h)."""
     torch.manual_seed(1)
     uA, uB = torch.randn(3, 10), torch.randn(20, 3)
-    x = torch.randn(2, 4, 10)
+    x = torch.randn(2, 12, 10)
     # the first weights take the concatenated path, the second (one expert per row) the per-row path
-    for variant, w in [
-        (v, w)
-        for v in ("flan", "res")
-        for w in (torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
-    ]:
-        layer, routing, A, B = make_layer(universal=(uA, uB, 2.0), variant=variant)
-        routing.set_weights(w)
+    for w in (torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])):
+        layer, routing, A, B = make_layer(universal=(uA, uB, 2.0), variant="res")
+        routing.call.set_weights(w)
         h = 2.0 * (x @ uA.T @ uB.T)
-        z = h if variant == "res" else x
-        act = torch.nn.functional.silu if variant == "res" else (lambda t: t)
-        experts = sum(w[:, i, None, None] * 0.5 * (i + 1) * (act(z @ A[i].T) @ B[i].T) for i in range(3))
+        act = lambda t: torch.where(t > 0, t, 0.01 * t)  # noqa: E731
+        experts = sum(w[:, i, None, None] * 0.5 * (i + 1) * (act(h @ A[i].T) @ B[i].T) for i in range(3))
         assert_close(layer(x), layer.base_layer(x) + h + experts, atol=1e-4)
+
+
+def test_res_hand_computed():
+    """The Res equation pinned on numbers worked out by hand (1 input, d=2, rank 1)."""
+    base = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(2))
+    routing = Routing()
+    layer = MixtureLinear(
+        base,
+        torch.tensor([[1.0, -1.0]]),
+        torch.tensor([[2.0], [0.0]]),
+        torch.tensor([0]),
+        torch.tensor([0.5]),
+        key="l",
+        block=None,
+        routing=routing,
+        universal=(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0], [-1.0]]), 1.0),
+        variant="res",
+    )
+    routing.begin().set_weights(torch.tensor([[1.0]]))
+    # x = (1, 2): W0 x = (1, 2); A_u x = 3 -> h = (3, -3); A h = 6 -> LeakyReLU 6 -> 0.5 * B * 6 = (6, 0)
+    assert torch.allclose(layer(torch.tensor([[1.0, 2.0]])), torch.tensor([[1 + 3 + 6, 2 - 3 + 0.0]]))
+    # x = (2, -1): h = (1, -1); A h = 2 -> (2, 0); y = (2, -1) + (1, -1) + (2, 0)
+    assert torch.allclose(layer(torch.tensor([[2.0, -1.0]])), torch.tensor([[5.0, -2.0]]))
+    # x = (-1, 0): h = (-1, 1); A h = -2 -> LeakyReLU -0.02 -> 0.5 * 2 * -0.02 = -0.02
+    assert torch.allclose(layer(torch.tensor([[-1.0, 0.0]])), torch.tensor([[-1 - 1 - 0.02, 0 + 1 + 0.0]]))
 
 
 def test_delta_weight_equals_forward():
     layer, routing, A, B = make_layer()
     w = torch.tensor([0.3, -1.0, 2.0])
     x = torch.randn(5, 10)
-    routing.set_weights(w.expand(5, -1))
+    routing.call.set_weights(w.expand(5, -1))
     merged = layer.base_layer(x) + x @ layer.delta_weight(w).T
     assert_close(layer(x), merged, atol=1e-4)
 
@@ -111,13 +136,13 @@ def test_per_row_path_equals_union_path(seq, per_row, monkeypatch):
     layer, routing, A, B = make_layer(ranks=(2, 3, 4, 2))
     x = torch.randn(4, seq, 10)
     w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
-    routing.set_weights(w)
-    assert routing.row_experts is not None and routing.row_experts.shape == (4, 2)
+    routing.call.set_weights(w)
+    assert routing.call.row_experts is not None and routing.call.row_experts.shape == (4, 2)
     want = layer.base_layer(x) + sum(w[:, i, None, None] * expert_out(layer, A, B, i, x) for i in range(4))
     assert_close(layer(x), want, atol=1e-4)
     assert bool(calls) == per_row
-    routing.set_weights(torch.full((4, 4), 0.25))  # every row uses every expert: concatenated path
-    assert routing.row_experts is None
+    routing.call.set_weights(torch.full((4, 4), 0.25))  # every row uses every expert: concatenated path
+    assert routing.call.row_experts is None
 
 
 def test_bf16_activations_compute_in_bf16_with_float32_experts():
@@ -126,11 +151,11 @@ def test_bf16_activations_compute_in_bf16_with_float32_experts():
     layer, routing, A, B = make_layer(ranks=(2, 3, 4, 2))
     x = torch.randn(4, 12, 10)
     w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
-    routing.set_weights(w)
+    routing.call.set_weights(w)
     want = layer(x)
     layer.base_layer.to(torch.bfloat16)
     for seq in (12, 1):  # per-row path, then the union path of decoding steps
-        routing.set_weights(w)
+        routing.call.set_weights(w)
         got = layer(x[:, :seq].bfloat16())
         assert got.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
         assert_close(got.float(), want[:, :seq], atol=0.1 * want.abs().max().item())
@@ -141,11 +166,11 @@ def test_cached_casts_follow_in_place_changes():
     layer, routing, A, B = make_layer()
     layer.base_layer.to(torch.bfloat16)
     x = torch.randn(3, 2, 10).bfloat16()
-    routing.set_weights(torch.full((3, 3), 1 / 3))
+    routing.call.set_weights(torch.full((3, 3), 1 / 3))
     before = layer(x) - layer.base_layer(x)
     with torch.no_grad():
         layer.lora_B.mul_(2.0)  # e.g. load_state_dict into a mixture that already ran
-    routing.set_weights(torch.full((3, 3), 1 / 3))
+    routing.call.set_weights(torch.full((3, 3), 1 / 3))
     after = layer(x) - layer.base_layer(x)
     assert_close(after.float(), 2 * before.float(), atol=0.05 * before.abs().max().item())
 
@@ -160,12 +185,12 @@ def test_all_ranks_path_shares_rank_gates_and_equals_dense(monkeypatch):
     object.__setattr__(twin, "routing", routing)
     x = torch.randn(4, 12, 10)
     w = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.4, 0.6, 0.0], [0.0, 0.0, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
-    routing.set_weights(w)
+    routing.call.set_weights(w)
     for lay, a, b in ((layer, A, B), (twin, A2, B2)):
         want = lay.base_layer(x) + sum(w[:, i, None, None] * expert_out(lay, a, b, i, x) for i in range(4))
         assert_close(lay(x), want, atol=1e-4)
-    assert sum(1 for k in routing.prepared if k[0] == "gates") == 1
-    assert routing.prepared[(id(layer), 4, torch.float32)][0].shape[0] == 11  # all ranks, none sliced
+    assert sum(1 for k in routing.call.prepared if k[0] == "gates") == 1
+    assert routing.call.prepared[(id(layer), 4, torch.float32)][0].shape[0] == 11  # all ranks, none sliced
 
 
 def test_gate_gradients_through_in_place_accumulation():

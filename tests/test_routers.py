@@ -9,6 +9,7 @@ from loramix import MixtureModel, topk_gates
 from loramix.config import RouterConfig
 from loramix.data import IGNORE, Example, batches, collate
 from loramix.loops import train_router
+from loramix.routers import BlockGate, RouterDims
 
 CUE = 10  # domain d is cued by token CUE + d at the start of the prompt
 SPAN = 32  # ... and its prompt words come from token ids [20 + SPAN * d, 20 + SPAN * (d + 1))
@@ -51,9 +52,7 @@ def test_router_learns_domains(router_adapters, recipe, steps=60, lr=0.02):
     before = route_accuracy(mm, held_out)
     cfg = RouterConfig(steps=steps, batch_size=24, lr=lr, warmup_ratio=0.0, balance_coef=0.0)
     seen = []
-    summary = train_router(
-        cfg, mm, batches(train, 24, 0, steps=steps), report=lambda m, c: seen.append(m), recipe=recipe
-    )
+    summary = train_router(cfg, mm, batches(train, 24, 0, steps=steps), report=lambda m, c: seen.append(m))
     after = route_accuracy(mm, held_out)
     assert after >= 0.95 and after > before, (before, after)
     assert summary["steps"] == steps and len(seen) == steps
@@ -64,24 +63,43 @@ def test_router_learns_domains(router_adapters, recipe, steps=60, lr=0.02):
 
 def test_topk_renormalises():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    g = topk_gates(logits, 2)
+    probs, g = topk_gates(logits, 2)
     assert (g > 0).sum() == 2 and torch.allclose(g.sum(-1), torch.ones(1))
     p = logits.softmax(-1)[0]
+    assert_close(probs[0], p, atol=1e-7)
     assert_close(g[0, :2], p[:2] / p[:2].sum(), atol=1e-6)
+
+
+def test_straight_through_top1_has_the_dense_gradient():
+    """A renormalised top-1 gate is the constant 1: without straight-through its router gets no
+    gradient. With it, the forward value is still the sparse gate and the gradient is the softmax's."""
+    logits = torch.tensor([[0.3, 0.1, -0.2]], requires_grad=True)
+    weight = torch.tensor([[1.0, 2.0, 3.0]])
+    _, plain = topk_gates(logits, 1)
+    assert not plain.requires_grad or torch.autograd.grad((plain * weight).sum(), logits)[0].abs().sum() == 0
+    probs, st = topk_gates(logits, 1, straight_through=True)
+    assert torch.equal(st.detach(), torch.tensor([[1.0, 0.0, 0.0]]))
+    (grad,) = torch.autograd.grad((st * weight).sum(), logits)
+    (want,) = torch.autograd.grad((logits.softmax(-1) * weight).sum(), logits)
+    assert grad.abs().sum() > 0
+    assert_close(grad, want, atol=1e-7)
 
 
 def test_mole_masking_renormalises(adapters):
     mm = MixtureModel.from_adapters(tiny_llama(0), adapters, router="mole", top_k=3)
+    torch.manual_seed(0)
     with torch.no_grad():
-        for gate in mm.router.gate:
-            gate.bias.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        for gate in mm.router.gate.values():
+            gate.normal_(0, 0.5)
     ids = torch.randint(3, VOCAB, (2, 5))
     full = mm.route(input_ids=ids)
+    first = mm.gate_pattern(ids)["block.0"]  # later blocks read what earlier (masked) blocks mixed
     mm.mask_experts(["shift"])
     masked = mm.route(input_ids=ids)
     assert torch.all(masked[:, 2] == 0)
     assert_close(masked.sum(-1), torch.ones(2), atol=1e-6)
-    assert_close(masked[:, 0] / masked[:, 1], full[:, 0] / full[:, 1], atol=1e-5)  # ratios kept
+    masked_first = mm.gate_pattern(ids)["block.0"]
+    assert_close(masked_first[:, 0] / masked_first[:, 1], first[:, 0] / first[:, 1], atol=1e-5)  # ratios kept
     mm.mask_experts([])
     assert_close(mm.route(input_ids=ids), full, atol=1e-6)
 
@@ -99,3 +117,65 @@ def test_generate_with_cache_equals_without(adapters, recipe):
     cached = mm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0)
     fresh = mm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, use_cache=False)
     assert torch.equal(cached, fresh)
+
+
+@pytest.mark.parametrize("recipe", ["moa", "mole", "modula"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_router_trains_for_every_recipe_and_top_k(router_adapters, recipe, top_k):
+    """Parameters move and the training loss falls, sparse top-k included (straight-through)."""
+    torch.manual_seed(0)
+    mm = MixtureModel.from_adapters(tiny_llama(0, init_range=0.15), router_adapters, router=recipe, top_k=top_k)
+    train = distilled_domains(mm, n_per_domain=24, seed=0)
+    before = {n: p.clone() for n, p in mm.router.named_parameters()}
+    seen = []
+    cfg = RouterConfig(steps=30, batch_size=24, lr=0.05, warmup_ratio=0.0)
+    summary = train_router(cfg, mm, batches(train, 24, 0, steps=30), report=lambda m, c: seen.append(m))
+    moved = [n for n, p in mm.router.named_parameters() if not torch.equal(p, before[n])]
+    assert moved, "no router parameter changed"
+    first, last = sum(summary["losses"][:5]) / 5, sum(summary["losses"][-5:]) / 5
+    assert last < first, (first, last)
+
+
+def test_mole_gate_hand_computed():
+    """MoLE's gate (Eqs. 6-10) on numbers worked out by hand: one block, two experts, d = 2."""
+    from loramix.layers import MixtureLinear
+    from loramix.routing import Routing
+
+    base = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.zero_()
+    # expert 0: s B A x = x * (0, 4) pattern; expert 1 adds nothing on this input
+    A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # ranks: 0 -> expert 0, 1 -> expert 1
+    B = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    routing = Routing()
+    layer = MixtureLinear(
+        base, A, B, torch.tensor([0, 1]), torch.tensor([1.0, 1.0]), key="b.0.q", block=0, routing=routing
+    )
+    gate = BlockGate(["a", "b"], RouterDims(hidden_size=2, num_blocks=1, gate_layers={0: ("b.0.q", 2)}), top_k=2)
+    with torch.no_grad():
+        gate.gate["0"].copy_(torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+        gate.log_temperature.fill_(torch.log(torch.tensor(0.5)))
+    routing.router = gate
+    gate.eval()
+    x = torch.tensor([[[1.0, 0.0]]])  # one prompt of one token
+    routing.begin(pool_mask=torch.ones(1, 1), record=[])
+    layer(x)
+    # branch 0: x + (0, 4) = (1, 4) -> layer norm (-1, 1); branch 1: x = (1, 0) -> (1, -1)
+    # eps = (<(-1, 1), (1, -1)>, <(1, -1), (0, 0)>) = (-2, 0); softmax(eps / 0.5) = softmax(-4, 0)
+    want = torch.tensor([[-4.0, 0.0]]).softmax(-1)
+    assert_close(routing.call.block_gates[0], want, atol=1e-4)
+    # and the block's output mixes the experts with those gates: y = g_0 * (0, 4) + g_1 * 0
+    routing.begin(pool_mask=torch.ones(1, 1))
+    assert_close(layer(x), want[0, 0] * torch.tensor([[[0.0, 4.0]]]), atol=1e-4)
+
+
+def test_balance_loss_averages_over_blocks_then_logs():
+    """-log prod_i q_i with q_i the mean over blocks (and batch) of expert i's probability."""
+    from loramix.routers import balance_loss
+    from loramix.routing import RouteRecord
+
+    p1 = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+    p2 = torch.tensor([[0.5, 0.5], [0.7, 0.3]])
+    records = [RouteRecord(p, p, None, f"block.{i}") for i, p in enumerate((p1, p2))]
+    q = (p1.mean(0) + p2.mean(0)) / 2
+    assert_close(balance_loss(records), -torch.log(q).sum(), atol=1e-6)

@@ -1,10 +1,12 @@
-"""The stage bodies in-process (the Ray-free demo), on a real-model path: a base saved to disk."""
+"""The stage graph in-process (the Ray-free demo), on a real-model path: a base saved to disk."""
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from loramix import stages, synthetic
+from loramix import plan, stages, synthetic
 from loramix.config import build_config
 from loramix.demo import run_demo
 from loramix.model import MixtureModel
@@ -22,26 +24,42 @@ def saved_base(tmp_path_factory):
     return root
 
 
+def config(saved_base, tmp_path, **over):
+    info = synthetic.write_demo_data(tmp_path / "data", ["reverse", "shift"], train_size=48, eval_size=4)
+    general = synthetic.write_jsonl(synthetic.make_rows("copy", 48, seed=0), tmp_path / "data" / "copy.jsonl")
+    data = {
+        "model": {"base": str(saved_base)},
+        "data": {"max_length": 32, "domains": info["domains"], "general": str(general)},
+        "expert": {"rank": 2, "steps": 6, "batch_size": 8, "eval_every": 2, "patience": 1},
+        "router": {"steps": 3, "batch_size": 8},
+    }
+    return build_config(data, [f"{k}={v}" for k, v in over.items()])
+
+
 def test_demo_runs_every_stage_on_a_saved_base(saved_base, tmp_path):
-    info = synthetic.write_demo_data(tmp_path / "data", ["reverse", "shift"], train_size=32, eval_size=4)
-    cfg = build_config(
-        {
-            "model": {"base": str(saved_base)},
-            "data": {"max_length": 32, "domains": info["domains"]},
-            "expert": {"rank": 2, "steps": 3, "batch_size": 8},
-            "router": {"steps": 3, "batch_size": 8},
-        }
-    )
+    cfg = config(saved_base, tmp_path)
     report = run_demo(cfg, tmp_path / "out")
-    assert set(report["methods"]) == set(stages.METHODS)
-    # the same training keys as `loramix run`, and the multitask baseline gets N x expert.steps
-    assert report["training"]["multitask_lora"]["steps"] == 6
-    assert report["training"]["expert/reverse"]["steps"] == 3 and report["training"]["expert/shift"]["steps"] == 3
+    assert set(report["methods"]) == set(plan.METHODS)
+    # every method is also scored on the general set (the base's copy skill)
+    assert all(0 <= row["general"]["exact_match"] <= 1 for row in report["methods"].values() if "error" not in row)
+    training = report["training"]
+    experts = [training[f"expert/{d}"] for d in ("reverse", "shift")]
+    for t in experts:  # validation every 2 steps, at most 6 steps
+        assert t["max_steps"] == 6 and 2 <= t["steps"] <= 6 and t["stopped"] in ("early", "max_steps")
+        assert [s for s, _ in t["val_losses"]] == list(range(2, t["steps"] + 1, 2))
+    # the multitask baseline gets exactly the steps the experts used together
+    assert training["multitask_lora"]["steps"] == sum(t["steps"] for t in experts)
     manifest = json.loads((tmp_path / "out" / "artifact" / "manifest.json").read_text())
     assert manifest["base_model"] == str(saved_base.resolve())
     mm = MixtureModel.from_pretrained(tmp_path / "out" / "artifact")
     assert mm.expert_names == ["reverse", "shift"]
     assert (tmp_path / "out" / "report.md").read_text().startswith("recipe `moa`")
+    pattern = report["router"]["gate_pattern"]
+    assert pattern["where"] == ["sequence"] and set(pattern["domains"]) == {"reverse", "shift"}
+    for name in ("gates.png", "accuracy.png", "confusion.png", "loss_curves.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    again = run_demo(cfg, tmp_path / "out")  # the demo reuses finished stages too
+    assert set(again["cached_stages"]) == {s.name for s in plan.build_plan(cfg)}
 
 
 def test_missing_eval_split_is_named(saved_base, tmp_path):
@@ -52,39 +70,55 @@ def test_missing_eval_split_is_named(saved_base, tmp_path):
             "data": {"domains": [{"name": "reverse", "train": info["domains"][0]["train"]}]},
         }
     )
-    tok = stages.load_tokenizer(stages.prepare_base(cfg, tmp_path / "unused"))
+    tok = stages.load_tokenizer(stages.base_stage(cfg, tmp_path / "unused"))
     with pytest.raises(ValueError, match=r"domain 'reverse' has no `eval` file; set `data.domains\[0\].eval`"):
-        stages.domain_examples(cfg, tok, "eval")
+        stages.eval_examples(cfg, tok)
 
 
-def test_demo_trains_the_universal_lora_under_the_experts(saved_base, tmp_path):
-    """`universal.enabled` (MoDULA): the demo trains the universal LoRA first and every expert on
-    top of it, frozen, as `loramix run` does; the oracle and merges keep it under the experts."""
-    import torch
-    from safetensors.torch import load_file
+def test_flan_universal_on_general_data_is_one_of_the_routed_experts(saved_base, tmp_path):
+    """MoDULA-Flan: the universal LoRA trains on `universal.train` (general data), the domain experts
+    alone, and the router weighs the universal beside them."""
+    cfg = config(
+        saved_base,
+        tmp_path,
+        recipe="modula",
+        **{
+            "universal.enabled": True,
+            "universal.steps": 4,
+            "universal.rank": 2,
+            "universal.batch_size": 8,
+            "router.top_k": 3,
+        },
+    )
+    cfg = cfg.model_copy(update={"universal": cfg.universal.model_copy(update={"train": cfg.data.general})})
+    out = tmp_path / "out"
+    report = run_demo(cfg, out)
+    assert report["universal"]["data"].startswith("general data")
+    assert report["training"]["universal"]["steps"] <= 4
+    universal = load_file(out / "universal" / "adapter_model.safetensors")
+    expert = load_file(out / "experts" / "reverse" / "adapter_model.safetensors")
+    assert universal.keys() == expert.keys() and all(not torch.equal(universal[k], expert[k]) for k in expert)
+    manifest = json.loads((out / "artifact" / "manifest.json").read_text())
+    assert manifest["expert_names"] == ["universal", "reverse", "shift"] and manifest["variant"] == "flan"
+    assert "error" not in report["methods"]["merge_linear"] and "error" not in report["methods"]["oracle"]
+    # the flan experts are plain LoRAs trained alone: the oracle is the expert without the universal
+    flan_stage = next(s for s in plan.build_plan(cfg) if s.name == "expert/reverse")
+    assert flan_stage.deps == ("base",) and flan_stage.trunk is None
 
-    info = synthetic.write_demo_data(tmp_path / "data", ["reverse", "shift"], train_size=32, eval_size=4)
-    cfg = build_config(
-        {
-            "recipe": "modula",
-            "model": {"base": str(saved_base)},
-            "data": {"max_length": 32, "domains": info["domains"]},
-            "expert": {"rank": 2, "steps": 3, "batch_size": 8},
-            "universal": {"enabled": True, "steps": 2},
-            "router": {"steps": 2, "batch_size": 8, "top_k": 2},
-        }
+
+def test_res_experts_train_on_the_universal_trunk(saved_base, tmp_path):
+    cfg = config(
+        saved_base,
+        tmp_path,
+        recipe="modula",
+        **{"universal.enabled": True, "universal.variant": "res", "universal.steps": 4, "universal.batch_size": 8},
     )
     out = tmp_path / "out"
     report = run_demo(cfg, out)
-    assert report["training"]["universal"]["steps"] == 2
-    assert "error" not in report["methods"]["merge_linear"] and "error" not in report["methods"]["oracle"]
-    universal = load_file(out / "universal" / "adapter_model.safetensors")
-    expert = load_file(out / "experts" / "reverse" / "adapter_model.safetensors")
-    # each folder holds one LoRA (the expert's own, not the frozen universal one under it)
-    assert universal.keys() == expert.keys() and all(not torch.equal(universal[k], expert[k]) for k in expert)
-    assert json.loads((out / "artifact" / "manifest.json").read_text())["universal"] is True
-    oracle = stages.method_models(
-        "oracle", cfg, {"base": str(saved_base)}, {"reverse": str(out / "experts" / "reverse")},
-        artifact=None, multitask=None, universal=str(out / "universal"),
-    )("reverse")  # fmt: skip
-    assert oracle.model.universal is not None
+    assert report["universal"]["data"].startswith("the union of the domains")
+    mm = MixtureModel.from_pretrained(out / "artifact")
+    assert mm.variant == "res" and mm.expert_names == ["universal", "reverse", "shift"]
+    # Res experts read the trunk's output: A is [r, d_out]; fewer parameters than a flan expert on MLP down
+    res = report["training"]["expert/reverse"]
+    assert res["trainable_params"] > 0 and report["methods"]["merge_linear"]["error"].startswith("merging experts")
+    assert report["methods"]["oracle"]["avg"]["exact_match"] >= 0

@@ -10,6 +10,7 @@ from ray import tune
 
 import tune_spaces
 from loramix.config import ConfigError, apply_values, build_config, load_config
+from loramix.plan import BaseResult
 from loramix.synthetic import demo_artifact, write_demo_data
 from loramix.tuning import eval_steps, router_trial
 from pipelines.tune_report import write_results
@@ -71,10 +72,10 @@ def test_router_trial_reports_at_its_rungs(tmp_path):
         }
     )
     adapters = {n: str(tmp_path / "artifact-adapters" / n) for n in ("reverse", "sort", "shift")}
+    results = {"base": BaseResult(cfg.model.base, str(art / "tokenizer"))}
+    results |= {f"expert/{n}": SimpleNamespace(path=p) for n, p in adapters.items()}
     reports = []
-    last = router_trial(
-        cfg, {"base": cfg.model.base, "tokenizer": str(art / "tokenizer")}, adapters, report=reports.append
-    )
+    last = router_trial(cfg, results, report=reports.append)
     assert [r["router_step"] for r in reports] == [2, 4, 6]
     assert last == reports[-1]
     for r in reports:
@@ -85,8 +86,14 @@ def test_router_trial_reports_at_its_rungs(tmp_path):
 
 def fake_result(i, params, accs, losses, error=None):
     df = pd.DataFrame({"accuracy": accs, "val_loss": losses})
-    metrics = {"trial_id": f"t{i}", "accuracy": accs[-1], "val_loss": losses[-1], "training_iteration": len(accs),
-               "router_step": 10 * len(accs), "time_total_s": 1.5}  # fmt: skip
+    metrics = {
+        "trial_id": f"t{i}",
+        "accuracy": accs[-1],
+        "val_loss": losses[-1],
+        "training_iteration": len(accs),
+        "router_step": 10 * len(accs),
+        "time_total_s": 1.5,
+    }
     return SimpleNamespace(config=params, metrics=metrics, metrics_dataframe=df, error=error, path=f"/x/t{i}")
 
 

@@ -1,4 +1,5 @@
-"""MoDULA universal LoRA: flan equals PEFT with both adapters active; res round-trips."""
+"""MoDULA: Flan routes the universal LoRA as one more expert (equals PEFT with both adapters active);
+Res feeds experts the universal trunk's output, is trained through the mixture layer and round-trips."""
 
 import torch
 from helpers import assert_close, assert_differs, logits, one_hot
@@ -6,11 +7,16 @@ from peft import LoraConfig, PeftModel
 from tiny import batch, make_adapter, tiny_llama
 
 from loramix import Expert, ExpertBank, MixtureModel
+from loramix.config import ExpertConfig
+from loramix.data import batches
+from loramix.loops import train_expert
+from loramix.trainees import ResTrainee, save_trainee
 
 
 def test_flan_universal_plus_expert_equals_peft_both_active(adapters, tmp_path):
     uni = make_adapter(0, tmp_path / "universal", seed=42, r=4, alpha=4)
-    mm = MixtureModel.from_adapters(tiny_llama(0), adapters, router="modula", universal=uni)
+    mm = MixtureModel.from_adapters(tiny_llama(0), {"universal": uni, **adapters}, router="modula")
+    assert mm.expert_names == ["universal", "reverse", "sort", "shift"]
     peft_model = PeftModel.from_pretrained(tiny_llama(0), uni, adapter_name="universal")
     peft_model.load_adapter(adapters["sort"], adapter_name="sort")
     peft_model.base_model.set_adapter(["universal", "sort"])
@@ -18,9 +24,10 @@ def test_flan_universal_plus_expert_equals_peft_both_active(adapters, tmp_path):
     ids, mask = batch(11)
     ref = logits(peft_model, ids, mask)
     assert_differs(ref, logits(PeftModel.from_pretrained(tiny_llama(0), adapters["sort"]).eval(), ids, mask))
-    assert_close(logits(mm, ids, mask, expert_weights=one_hot(3, 3, 1)), ref)
+    both = torch.tensor([1.0, 0.0, 1.0, 0.0])  # the universal and `sort`, each at gate 1
+    assert_close(logits(mm, ids, mask, expert_weights=both), ref)
     only_universal = PeftModel.from_pretrained(tiny_llama(0), uni).eval()
-    assert_close(logits(mm, ids, mask, expert_weights=torch.zeros(3)), logits(only_universal, ids, mask))
+    assert_close(logits(mm, ids, mask, expert_weights=one_hot(3, 4, 0)), logits(only_universal, ids, mask))
 
 
 def res_expert(name, universal: Expert, seed: int) -> Expert:
@@ -32,14 +39,61 @@ def res_expert(name, universal: Expert, seed: int) -> Expert:
     return Expert(name, config, A, B, {m: 1.0 for m in A}, variant="res")
 
 
-def test_res_variant_applies_experts_to_universal_output_and_round_trips(tmp_path):
+def test_res_routes_the_trunk_alone_and_round_trips(tmp_path):
     uni = Expert.from_dir("universal", make_adapter(0, tmp_path / "u", seed=5, r=4, alpha=8))
     bank = ExpertBank({"a": res_expert("a", uni, 1), "b": res_expert("b", uni, 2)})
-    mm = MixtureModel(tiny_llama(0), bank, "modula", universal=uni, variant="res")
+    mm = MixtureModel(tiny_llama(0), bank, "modula", universal=uni, variant="res", null_experts=["universal"])
+    assert mm.expert_names == ["universal", "a", "b"]
     ids, mask = batch(12)
-    with_a = logits(mm, ids, mask, expert_weights=one_hot(3, 2, 0))
-    assert_differs(with_a, logits(mm, ids, mask, expert_weights=torch.zeros(2)), min_diff=1e-4)
+    with_a = logits(mm, ids, mask, expert_weights=one_hot(3, 3, 1))
+    trunk_alone = logits(mm, ids, mask, expert_weights=one_hot(3, 3, 0))
+    assert_differs(with_a, trunk_alone, min_diff=1e-4)
+    # the null slot is the trunk alone: the universal LoRA as plain PEFT computes it
+    peft_universal = PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "u")).eval()
+    assert_close(trunk_alone, logits(peft_universal, ids, mask))
     mm.save_pretrained(tmp_path / "res")
+    assert sorted(p.name for p in (tmp_path / "res" / "experts").iterdir()) == ["a", "b"]
     loaded = MixtureModel.from_pretrained(tmp_path / "res", base_model=tiny_llama(0))
-    assert loaded.variant == "res"
-    assert torch.equal(logits(loaded, ids, mask, expert_weights=one_hot(3, 2, 0)), with_a)
+    assert loaded.variant == "res" and loaded.expert_names == ["universal", "a", "b"]
+    assert torch.equal(logits(loaded, ids, mask, expert_weights=one_hot(3, 3, 1)), with_a)
+
+
+def test_res_expert_trains_through_the_mixture_layer(tmp_path):
+    """Stage 2 of MoDULA-Res: only the new expert's A and B train, the base and trunk stay frozen,
+    the loss falls, and the saved expert in a mixture reproduces the trainee's output."""
+    from tiny import VOCAB
+
+    uni_dir = make_adapter(0, tmp_path / "u", seed=5, r=4, alpha=8, b_scale=0.5)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    from loramix.data import Example
+
+    for _ in range(32):
+        ids = torch.randint(3, VOCAB, (8,), generator=g).tolist()
+        ids[4:] = ids[:4]  # learnable: copy the prompt
+        rows.append(Example(ids, [-100] * 4 + ids[4:], 0, 4))
+    cfg = ExpertConfig(rank=4, alpha=8, steps=25, batch_size=8, lr=2e-2, warmup_ratio=0.0, patience=0)
+    seen = []
+    base = tiny_llama(0)
+    frozen = {n: p.clone() for n, p in base.named_parameters()}
+    model, summary = train_expert(
+        cfg, base, batches(rows, 8, 0, steps=25), report=lambda m, c: seen.append(m), trunk=uni_dir
+    )
+    assert isinstance(model, ResTrainee)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert summary["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(summary["losses"][-5:]) < sum(summary["losses"][:5])
+    for name, p in model.mixture.base_model.named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in frozen:
+            assert torch.equal(p, frozen[key]), name
+    save_trainee(model, tmp_path / "expert")
+    expert = Expert.from_dir("e", tmp_path / "expert", variant="res")
+    assert all(a.shape[1] == expert.lora_B[m].shape[0] for m, a in expert.lora_A.items())  # A reads d_out
+    mm = MixtureModel(
+        tiny_llama(0), ExpertBank({"e": expert}), None, universal=Expert.from_dir("universal", uni_dir), variant="res"
+    )
+    ids, mask = batch(3)
+    model.eval()
+    assert_close(logits(mm, ids, mask, expert_weights=torch.ones(1)), logits(model, ids, mask), atol=1e-5)

@@ -13,7 +13,7 @@ from .conftest import small_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPORT_KEYS = {"recipe", "domains", "config_hash", "methods", "router", "training", "timings"}
-METHODS = {"base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "mixture"}
+METHODS = {"base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "merge_cat", "mixture"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def test_experts_trained_with_zero2_on_two_workers(first_run):
     for job in ("expert/reverse", "expert/rotate", "multitask_lora"):
         t = report["training"][job]
         assert (t["zero_stage"], t["num_workers"]) == (2, 2) and t["node_ids"]
-    assert report["training"]["multitask_lora"]["steps"] == 2 * cfg.expert.steps  # same total budget
+    experts = sum(report["training"][f"expert/{d}"]["steps"] for d in ("reverse", "rotate"))
+    assert report["training"]["multitask_lora"]["steps"] == experts  # the same total budget
     files = sorted(p.name for p in (root / "out" / "experts" / "reverse").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     curves = json.loads((root / "out" / "curves.json").read_text())
@@ -86,7 +87,7 @@ def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
     evals = write_jsonl(make_rows("shift", 8, seed=1), root / "data" / "shift.eval.jsonl")
     new = add_domain(root / "out", "shift", str(train), str(evals))
     info = new["add_domain"]
-    assert info["compute_ratio"] <= 1 / 2 and info["new_expert_steps"] == cfg.expert.steps
+    assert info["compute_ratio"] <= 1 / 2 and info["new_expert_steps"] == new["training"]["expert/shift"]["steps"]
     assert set(info["old_domains"]) == {"reverse", "rotate"}
     assert {"base", "expert/reverse", "expert/rotate"} <= set(new["cached_stages"])
     assert "expert/shift" not in new["cached_stages"]
@@ -121,15 +122,17 @@ def test_modula_with_universal_lora_and_mole_recipes(first_run, tmp_path):
     assert "router" not in mole["cached_stages"]
     assert json.loads((out / "artifact" / "router" / "config.json").read_text())["recipe"] == "mole"
 
-    modula = cfg.model_copy(
-        update={
-            "recipe": "modula",
-            "universal": cfg.universal.model_copy(update={"enabled": True, "steps": 4, "batch_size": 8}),
-        }
-    )
+    universal = {"enabled": True, "steps": 4, "batch_size": 8, "rank": 4}
+    modula = cfg.model_copy(update={"recipe": "modula", "universal": cfg.universal.model_copy(update=universal)})
     report = run_pipeline(modula, out)
     assert report["recipe"] == "modula" and "universal" in report["training"]
-    assert "expert/reverse" not in report["cached_stages"]  # experts now train on top of the universal LoRA
+    assert "expert/reverse" in report["cached_stages"]  # MoDULA-Flan experts are trained alone: reused
     mm = MixtureModel.from_pretrained(out / "artifact")
-    assert mm.universal is not None and mm.router.recipe == "modula"
+    assert mm.expert_names == ["universal", "reverse", "rotate"] and mm.router.recipe == "modula"
     assert set(report["methods"]["mixture"]["per_domain"]) == {"reverse", "rotate"}
+
+    res = modula.model_copy(update={"universal": modula.universal.model_copy(update={"variant": "res"})})
+    report = run_pipeline(res, out)  # Res experts read the universal output: trained anew on Ray
+    assert "expert/reverse" not in report["cached_stages"] and "universal" in report["cached_stages"]
+    mm = MixtureModel.from_pretrained(out / "artifact")
+    assert mm.variant == "res" and mm.universal is not None and mm.null_experts == ["universal"]

@@ -4,12 +4,13 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from loramix import stages
+from loramix import plan, stages
 
 from .conftest import small_config
 
@@ -20,29 +21,30 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def world(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     cfg = small_config(root / "data", root / "out")
-    base = stages.prepare_base(cfg, root / "out" / "base")
-    tok = stages.load_tokenizer(base)
-    rows = [
-        {"input_ids": e.input_ids, "labels": e.labels} for e in stages.domain_examples(cfg, tok, "train")["reverse"]
-    ]
-    return cfg, root, base, rows
+    base = stages.base_stage(cfg, root / "out" / "base")
+    return cfg, root, base
 
 
-def fit(cfg, root, base, rows, name, progress=None, **over):
-    from pipelines.train import fit_lora
+def fit(cfg, root, base, name, progress=None, expert=None, **over):
+    """The `expert/reverse` stage of the plan, trained by `fit_lora` as `loramix run` does."""
+    from actors.lora_trainer import fit_lora
 
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=over)})
-    optim = cfg.expert.model_dump(mode="json")
-    out = root / "out" / name
-    summary = fit_lora(name, cfg.model_dump(mode="json"), optim, base, rows, str(out), name, None, progress)
-    return summary, load_file(str(out / "adapter_model.safetensors"))
+    if expert:
+        cfg = cfg.model_copy(update={"expert": cfg.expert.model_copy(update=expert)})
+    stage = next(s for s in plan.build_plan(cfg) if s.name == "expert/reverse")
+    spec = stages.lora_spec(plan.Context.create(cfg), stage, {"base": base})
+    spec.out_dir = str(root / "out" / name)
+    summary = fit_lora(spec, cfg, base, name, progress)
+    fit.spec = spec
+    return summary, load_file(str(Path(spec.out_dir) / "adapter_model.safetensors"))
 
 
 def test_zero3_saves_full_gathered_weights_equal_to_zero0(world):
-    cfg, root, base, rows = world
-    _, w0 = fit(cfg, root, base, rows, "z0", zero_stage=0)
-    s3, w3 = fit(cfg, root, base, rows, "z3", zero_stage=3)
-    assert s3["zero_stage"] == 3 and set(w0) == set(w3)
+    cfg, root, base = world
+    _, w0 = fit(cfg, root, base, "z0", zero_stage=0)
+    s3, w3 = fit(cfg, root, base, "z3", zero_stage=3)
+    assert s3.zero_stage == 3 and set(w0) == set(w3)
     for key in w0:
         assert w3[key].shape == w0[key].shape and w3[key].numel() > 0, key  # not an empty ZeRO-3 shard
         torch.testing.assert_close(w3[key], w0[key], rtol=1e-4, atol=1e-5)
@@ -54,8 +56,7 @@ def test_killed_worker_is_retried_and_resumes_from_checkpoint(world):
 
     from actors.progress import ProgressActor
 
-    cfg, root, base, rows = world
-    cfg = cfg.model_copy(update={"expert": cfg.expert.model_copy(update={"steps": 40})})
+    cfg, root, base = world
     progress = ProgressActor.remote()
     killed = {}
 
@@ -63,16 +64,45 @@ def test_killed_worker_is_retried_and_resumes_from_checkpoint(world):
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             snap = ray.get(progress.snapshot.remote())
-            if snap["jobs"].get("killme", (0,))[0] >= 5:  # past the first checkpoints (every 2 steps)
-                pid = snap["pids"]["killme"][0]
+            if snap["jobs"].get("expert/reverse", (0,))[0] >= 5:  # past the first checkpoints (every 2 steps)
+                pid = snap["pids"]["expert/reverse"][0]
                 os.kill(pid, signal.SIGKILL)
                 killed["pid"] = pid
             time.sleep(0.1)
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    summary, weights = fit(cfg, root, base, rows, "killme", progress=progress, max_failures=2)
+    # validation every 4 steps with no patience limit: the resumed run keeps the validation history
+    summary, weights = fit(
+        cfg,
+        root,
+        base,
+        "killme",
+        progress=progress,
+        max_failures=2,
+        expert={"steps": 40, "eval_every": 4, "patience": 100},
+    )
     thread.join(timeout=1)
     assert killed, "the worker finished before it could be killed; the test proved nothing"
-    assert summary["resumed_from"] >= 2 and summary["steps"] == 40
+    assert summary.resumed_from >= 2 and summary.steps == 40
+    assert [s for s, _ in summary.val_losses] == list(range(4, 41, 4))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_early_stopping_on_ray_keeps_the_best_weights(world):
+    """`expert.steps` is a maximum: with patience 1 and a learning rate that makes the loss blow
+    up, training stops at the first validation that is worse and writes the best step's weights."""
+    cfg, root, base = world
+    from peft import PeftModel
+
+    summary, _ = fit(cfg, root, base, "early", expert={"steps": 60, "eval_every": 5, "patience": 1, "lr": 0.5})
+    assert summary.stopped == "early" and summary.steps < 60
+    val = {int(s): v for s, v in summary.val_losses}
+    best = summary.best_step
+    assert all(v >= val[best] * 0.99 for s, v in val.items() if s > best)  # nothing later improved by 1%
+    # the adapter written is the best step's: its validation loss is the one recorded there
+    spec = fit.spec
+    model = PeftModel.from_pretrained(stages.load_base(cfg, base), spec.out_dir).eval()
+    tok = stages.load_tokenizer(base)
+    got = stages.val_loss_fn(model, spec.val, spec.optim.batch_size, tok.pad_token_id)()
+    assert abs(got - val[best]) < 1e-3 * max(1.0, val[best]), (got, val)

@@ -1,0 +1,97 @@
+"""Turn a LoRA stage into a Ray Train job: one ``TorchTrainer`` per LoRA (experts, universal, multitask).
+
+Each LoRA is one ``TorchTrainer`` with ``resources.num_workers`` DeepSpeed workers; the pipeline
+launches many at once (one stage task each), so experts train concurrently and the autoscaler
+sees every pending trainer's resource request.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from actors.lora_worker import WorkerConfig, deepspeed_template, train_lora_worker
+from loramix import stages
+from loramix.artifact import atomic_dir, read_json
+from loramix.config import LoramixConfig
+from loramix.plan import BaseResult, LoraResult
+
+
+def scaling_config(cfg: LoramixConfig) -> ScalingConfig:
+    """``resources.*`` -> ``ScalingConfig`` (one GPU per worker when ``use_gpu``)."""
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+
+
+def run_config(cfg: LoramixConfig, name: str) -> RunConfig:
+    """A stable ``name`` + storage path make a relaunch resume from the run's latest checkpoint."""
+    storage = cfg.train.storage_path or str(Path(cfg.output) / "ray_storage")
+    env = {} if cfg.resources.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    return RunConfig(
+        name=name,
+        storage_path=storage,
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        worker_runtime_env=env,
+    )
+
+
+def _rows(examples) -> list[dict]:
+    return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+
+
+def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_name: str, progress=None) -> LoraResult:
+    """Fit one LoRA on Ray Train and place its adapter at ``spec.out_dir``."""
+    t0 = time.perf_counter()
+    worker = WorkerConfig(
+        optim=spec.optim,
+        base=base.base,
+        tokenizer=base.tokenizer,
+        dtype=cfg.model.dtype,
+        ds_config=deepspeed_template(cfg.train.zero_stage),
+        trunk=spec.trunk,
+        name=spec.job,
+        seed=cfg.seed,
+        checkpoint_every=cfg.train.checkpoint_every,
+        log_every=cfg.train.log_every,
+        validate=bool(spec.val and spec.optim.patience),
+        progress=progress,
+    )
+    datasets = {"train": ray.data.from_items(_rows(spec.train))}
+    if worker.validate:
+        datasets["val"] = ray.data.from_items(_rows(spec.val))
+    trainer = TorchTrainer(
+        train_lora_worker,
+        train_loop_config={"worker": worker},
+        scaling_config=scaling_config(cfg),
+        run_config=run_config(cfg, run_name),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker validates on all val rows
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        summary = read_json(ckpt / "summary.json")
+        adapter = ckpt / "adapter"
+        with atomic_dir(spec.out_dir) as tmp:
+            for f in adapter.iterdir():
+                shutil.copy2(f, tmp / f.name)
+    nodes = ray.get(progress.snapshot.remote())["nodes"].get(spec.job, {}) if progress is not None else {}
+    return stages.lora_result(
+        spec,
+        summary,
+        summary["trainable_params"],
+        summary["seconds"],
+        zero_stage=cfg.train.zero_stage,
+        num_workers=cfg.resources.num_workers,
+        node_ids=sorted(set(nodes.values())),
+        wall_seconds=time.perf_counter() - t0,
+        resumed_from=summary.get("resumed_from", 0),
+        **{k: summary.get(k) for k in ("loop_seconds_per_step", "peak_rss_mib", "peak_gpu_mib")},
+    )

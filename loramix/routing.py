@@ -1,0 +1,112 @@
+"""Routing state: what a mixture's layers share during one call.
+
+:class:`Routing` is created once per mixture and holds the router; :class:`CallState` is created
+for each forward or decode (``MixtureModel`` opens and drops it) and holds that call's gates,
+recorded decisions and the per-call caches. Nothing here is an ``nn.Module``: it holds tensors of
+one call, never parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RouteRecord:
+    """One routing decision of one call, kept for the balance loss and for reporting.
+
+    ``probs`` are the router's dense softmax probabilities (what the balance loss averages);
+    ``gates`` what the layers applied (top-k, renormalised); ``mask`` ``[batch, seq]`` marks the
+    positions that count for per-token gates; ``where`` names the decision (``sequence``,
+    ``block.<i>`` or a module path) for the gate-pattern plot.
+    """
+
+    probs: torch.Tensor  # [batch, E] or [batch, seq, E]
+    gates: torch.Tensor  # same shape
+    mask: torch.Tensor | None
+    where: str
+
+
+@dataclass
+class CallState:
+    """Routing state of one forward or one decode, created by :class:`MixtureModel` per call.
+
+    Attributes:
+        pool_mask: ``[batch, seq]`` positions sequence/block gates may pool over (the prompt).
+        attention_mask: ``[batch, seq]`` real tokens of the first forward (later decoding steps add one each).
+        freeze: decoding after the prompt: keep the gates the prompt got (block gates).
+        record: decisions of this call (None: not recorded).
+        weights: ``[batch, E]`` gates fixed for the whole sequence (explicit, or a sequence router's).
+        block_gates: MoLE: block index -> ``[batch, E]``.
+        prefix: token routers reading their context: per layer, the running sum and count of inputs.
+        prepared: static weights' per-layer ``(A, B, rank gates)``, reused by every decoding step.
+    """
+
+    pool_mask: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # [batch, seq] real tokens of the first forward
+    freeze: bool = False
+    record: list[RouteRecord] | None = None
+    weights: torch.Tensor | None = None
+    active: tuple[bool, ...] | None = None  # experts with a nonzero gate somewhere in the batch
+    row_experts: torch.Tensor | None = None  # [batch, k] each row's experts (per-row path)
+    row_gates: torch.Tensor | None = None  # [batch, k] their gates
+    block_gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    prefix: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # running sums, decoding
+    prepared: dict[tuple, object] = field(default_factory=dict)
+
+    def set_weights(self, weights: torch.Tensor) -> None:
+        self.weights = weights
+        self.prepared = {}
+        # One host sync per call (not per layer) decides which experts the layers may skip, and
+        # whether rows should each gather only their own experts (k per row < experts in the batch).
+        nonzero = weights != 0
+        stats = torch.cat([nonzero.any(0), nonzero.sum(-1).max().view(1)]).tolist()
+        self.active, k = tuple(bool(a) for a in stats[:-1]), int(stats[-1])
+        self.row_experts = self.row_gates = None
+        if 0 < k < sum(self.active) and not weights.requires_grad:
+            self.row_experts = weights.abs().topk(k, dim=-1).indices  # [batch, k]
+            self.row_gates = weights.gather(-1, self.row_experts)  # [batch, k]
+
+    def log(self, probs: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor | None, where: str) -> None:
+        if self.record is not None:
+            self.record.append(RouteRecord(probs, gates, mask, where))
+
+
+class Routing:
+    """What every :class:`MixtureLinear` of one mixture shares: the router and the current call.
+
+    Not an ``nn.Module``: it holds per-call tensors, never parameters. Outside a call
+    (``call is None``) or while ``disabled`` (router features, the ``base`` baseline) the layers
+    are the plain base.
+    """
+
+    def __init__(self) -> None:
+        self.router = None  # routers.Router that supplies block / token gates
+        self.disabled = False
+        self.call: CallState | None = None
+
+    def begin(self, **kwargs) -> CallState:
+        self.call = CallState(**kwargs)
+        return self.call
+
+    def end(self) -> None:
+        self.call = None
+
+    def gates_for(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        call = self.call
+        if call.weights is not None:
+            return expand_batch(call.weights, x.shape[0])
+        if self.router is None:
+            return None
+        return self.router.layer_gates(call, layer, x)
+
+
+def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Repeat per-prompt routing state for generate's expanded batch (num_return_sequences)."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"routing was computed for batch {t.shape[0]} but the model ran batch {batch}.")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
