@@ -61,6 +61,7 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         checkpoint_every=cfg.train.checkpoint_every,
         log_every=cfg.train.log_every,
         validate=bool(spec.val and spec.optim.patience),
+        revision=cfg.model.revision,
         progress=progress,
     )
     datasets = {"train": ray.data.from_items(_rows(spec.train))}

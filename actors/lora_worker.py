@@ -44,6 +44,7 @@ class WorkerConfig:
     checkpoint_every: int
     log_every: int
     validate: bool = False  # a "val" dataset is passed: stop early on its loss
+    revision: str | None = None  # of a hub base
     progress: Any = None  # a ProgressActor handle
 
 
@@ -189,7 +190,7 @@ def train_lora_worker(config: dict) -> None:
         return
     torch.manual_seed(w.seed)
     tokenizer = AutoTokenizer.from_pretrained(w.tokenizer)
-    base = AutoModelForCausalLM.from_pretrained(w.base, dtype=getattr(torch, w.dtype))
+    base = AutoModelForCausalLM.from_pretrained(w.base, dtype=getattr(torch, w.dtype), revision=w.revision)
     model = build_trainee(base, cfg, trunk=w.trunk)  # DeepSpeed places it on `device`
     engine = make_engine(model, cfg, w.ds_config, world)
     validation = None

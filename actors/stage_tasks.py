@@ -30,7 +30,7 @@ def poster(progress, every: int = 5):
 @ray.remote
 def run_stage(stage: Stage, ctx: Context, digest: str, progress, *upstream: Result) -> Result:
     result = stage.run(ctx, dict(zip(stage.deps, upstream)), poster(progress))
-    ctx.store.mark(stage.name, digest, result.to_json())
+    ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
     return result
 
 
@@ -39,7 +39,7 @@ def run_lora_stage(stage: LoraStage, ctx: Context, digest: str, progress, *upstr
     inputs = dict(zip(stage.deps, upstream))
     spec = stages.lora_spec(ctx, stage, inputs)
     result = fit_lora(spec, ctx.cfg, inputs["base"], f"{stage.name.replace('/', '-')}-{digest}", progress)
-    ctx.store.mark(stage.name, digest, result.to_json())
+    ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
     return result
 
 
@@ -49,7 +49,9 @@ def resources(ctx: Context) -> dict:
 
 
 def launch(stage: Stage, ctx: Context, digest: str, progress, upstream: list) -> ray.ObjectRef:
-    """Submit one stage with its upstream results (values or refs)."""
+    """Submit one stage with its upstream results (values or refs); its old marker goes first, so a
+    crash while it rewrites its outputs leaves no marker vouching for them."""
+    ctx.store.invalidate(stage.name)
     if stage.kind == "lora":
         return run_lora_stage.remote(stage, ctx, digest, progress, *upstream)
     return run_stage.options(**resources(ctx)).remote(stage, ctx, digest, progress, *upstream)

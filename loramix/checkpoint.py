@@ -84,8 +84,11 @@ def load_base(name_or_path: str, root: Path, **kwargs):
 
 
 def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
+    from loramix.versions import verify
+
     path = Path(path)
     manifest = read_manifest(path)
+    verify(path)  # a published version: every file as its manifest recorded it
     if base_model is None:
         if not manifest.get("base_model"):
             raise ValueError(f"{str(path)!r} names no base model; pass `base_model=`.")

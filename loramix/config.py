@@ -60,6 +60,8 @@ class ModelConfig(Section):
     """`synthetic` builds the offline demo base; otherwise a local directory or hub id for `from_pretrained`."""
     tokenizer: str | None = None
     """Tokenizer directory or hub id; defaults to `model.base`."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `model.base`; pin a commit so reruns use the same weights."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the base is loaded in: `float32` on CPU, `bfloat16` on GPUs."""
     synthetic: SyntheticBaseConfig = SyntheticBaseConfig()
@@ -135,7 +137,7 @@ class LoraConfigBase(OptimConfig):
     eval_every: int = Field(50, ge=1)
     """Steps between validation losses."""
     patience: int = Field(3, ge=0)
-    """Validations without a 1% improvement before training stops (0: always run `steps`)."""
+    """Validations without an improvement (1% and 0.001) before training stops (0: always run `steps`)."""
 
 
 class ExpertConfig(LoraConfigBase):

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from loramix import plan, synthetic
-from loramix.config import LoramixConfig, dump_config
-from loramix.report import write_run_report
-from loramix.serve_config import save_serve_config
+from loramix.config import LoramixConfig
+from loramix.lock import output_lock
+from loramix.report import finish_run
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,10 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress: plan.Progress = plan
     """
     out = Path(out).resolve()
     cfg = cfg.model_copy(update={"output": str(out)})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
     ensure_demo_data(cfg)
-    t0 = time.perf_counter()
-    results, cached = plan.run_local(cfg, progress)
-    timings = {name: 0.0 if name in cached else getattr(r, "seconds", 0.0) for name, r in results.items()}
-    save_serve_config(cfg.serve, out / "artifact")
-    return write_run_report(out, cfg, results, timings=timings | {"total": time.perf_counter() - t0}, cached=cached)
+    with output_lock(out):
+        t0 = time.perf_counter()
+        results, cached = plan.run_local(cfg, progress)
+        timings = {name: 0.0 if name in cached else getattr(r, "seconds", 0.0) for name, r in results.items()}
+        timings["total"] = time.perf_counter() - t0
+        return finish_run(out, cfg, results, timings=timings, cached=cached)

@@ -100,9 +100,10 @@ class TorchStepper:
 class Validation:
     """Stop on the validation loss: ``steps`` becomes a maximum (as HF's EarlyStoppingCallback).
 
-    Every ``every`` steps ``validate()`` gives the loss of held-out rows; a value below
-    ``best * (1 - min_rel_delta)`` is an improvement. After ``patience`` evaluations without one
-    training stops (0: never). The weights of the best evaluation are kept: ``snapshot()`` copies
+    Every ``every`` steps ``validate()`` gives the loss of held-out rows; a value below the best by
+    more than ``min_rel_delta`` of it and by more than ``min_delta`` nats (so a loss already near
+    zero does not keep "improving" by noise) is an improvement. After ``patience`` evaluations
+    without one training stops (0: never). The weights of the best evaluation are kept: ``snapshot()`` copies
     them, ``restore(copy)`` puts them back at the end (a DeepSpeed shell passes gather-aware ones).
     """
 
@@ -110,6 +111,7 @@ class Validation:
     every: int = 50
     patience: int = 3
     min_rel_delta: float = 0.01
+    min_delta: float = 1e-3
     snapshot: Callable[[], object] | None = None
     restore: Callable[[object], None] | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
@@ -124,7 +126,7 @@ class Validation:
         """Evaluate at ``step``; True when training should stop."""
         loss = float(self.validate())
         self.history.append((step, loss))
-        if self.best is None or loss < self.best[1] * (1 - self.min_rel_delta):
+        if self.best is None or loss < self.best[1] - max(self.best[1] * self.min_rel_delta, self.min_delta):
             self.best, self._bad = (step, loss), 0
             if self.snapshot is not None:
                 self._best_state = self.snapshot()
@@ -283,13 +285,12 @@ def train_router(
     batches: Iterable[dict],
     *,
     report: Report,
-    balance_coef: float | None = None,
-    label_coef: float = 0.0,
     stepper: Stepper | None = None,
     log_every: int = 10,
 ) -> dict:
     """Train only the router of a :class:`~loramix.model.MixtureModel` (base and experts frozen),
-    on what its recipe trains it with (:meth:`Router.loss`: labels for MoA, LM + balance otherwise)."""
+    on what its recipe trains it with (:meth:`Router.loss`: labels for MoA, LM + balance otherwise;
+    ``cfg.balance_coef`` unset takes the recipe's weight, ``cfg.label_coef`` adds routing labels)."""
     if mm.router is None:
         raise ValueError("this mixture has no router to train; build it with router='moa'|'mole'|'modula'.")
     frozen = [n for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("router.")]
@@ -299,10 +300,13 @@ def train_router(
     n_frozen = sum(p.numel() for p in mm.base_model.parameters())
     logger.info("router %s: %s trainable / %s frozen parameters", mm.router.recipe, f"{n_train:,}", f"{n_frozen:,}")
     stepper = stepper or TorchStepper(mm.router.parameters(), cfg)
-    coef = balance_coef if balance_coef is not None else 0.0
+    from loramix.recipes import RECIPES
+
+    recipe = RECIPES.get(mm.router.recipe)
+    balance = cfg.balance_coef if cfg.balance_coef is not None else (recipe.balance_coef if recipe else 0.0)
 
     def loss_fn(model, batch):
-        return model.router.loss(model, batch, coef, label_coef)
+        return model.router.loss(model, batch, balance, cfg.label_coef)
 
     return run_steps(mm, batches, loss_fn, stepper, report=report, log_every=log_every, max_steps=cfg.steps)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from loramix.names import check_expert_name, safe_key
+from loramix.names import check_expert_name
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,18 @@ def merge_adapters(
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"`weights` names unknown experts {unknown}; experts are {names}.")
-    keys = [safe_key(n) for n in names]  # PEFT adapter names may not contain "."
-    model = PeftModel.from_pretrained(base_model, str(adapters[names[0]]), adapter_name=keys[0])
-    for name, key in zip(names[1:], keys[1:]):
-        model.load_adapter(str(adapters[name]), adapter_name=key)
+    # Positional adapter names: PEFT keys modules by them, and an expert called `double` or `train`
+    # collides with nn.Module attributes ("attribute 'double' already exists").
+    keys = [f"expert_{i}" for i in range(len(names))]
     kwargs = {"density": density} if combination_type not in ("linear", "cat", "svd") else {}
     try:
+        model = PeftModel.from_pretrained(base_model, str(adapters[names[0]]), adapter_name=keys[0])
+        for name, key in zip(names[1:], keys[1:]):
+            model.load_adapter(str(adapters[name]), adapter_name=key)
         model.add_weighted_adapter(
             keys, [weights.get(n, 0.0) for n in names], MERGED, combination_type=combination_type, **kwargs
         )
-    except ValueError as err:
+    except (ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ValueError(f"PEFT could not merge {names} with `{combination_type}`: {err}") from None
     model.set_adapter(MERGED)
     return model.eval()

@@ -28,10 +28,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from loramix import recipes
-from loramix.artifact import StageStore, file_digest, fingerprint
+from loramix.artifact import StageStore, file_digest, fingerprint, tree_stamp
 from loramix.config import LoramixConfig
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,11 @@ class Result:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def outputs(self) -> list[str]:
+        """The files this result stands for (the marker checks they are unchanged)."""
+        path = getattr(self, "path", None)
+        return [path] if path else []
+
     @classmethod
     def from_json(cls, data: dict):
         names = {f.name for f in fields(cls)}
@@ -62,6 +67,10 @@ class BaseResult(Result):
     base: str  # a directory or hub id that `from_pretrained` loads
     tokenizer: str
     seconds: float = 0.0
+    built: bool = False  # the demo base this run wrote (vouched for by its marker)
+
+    def outputs(self) -> list[str]:
+        return [self.base] if self.built else []
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class LoraResult(Result):
 
 @dataclass(frozen=True)
 class RouterResult(Result):
-    path: str  # the mixture artifact
+    path: str  # the mixture it trained (OUTPUT/mixture), published as a version after evaluation
     steps: int
     final_loss: float
     seconds: float
@@ -106,6 +115,11 @@ class EvalResult(Result):
     router: dict | None = None
     error: str | None = None
     seconds: float = 0.0
+
+
+def data_fields(cfg: LoramixConfig) -> list[str]:
+    """The data columns every stage reads (renaming them changes what the rows mean)."""
+    return [cfg.data.prompt_field, cfg.data.completion_field]
 
 
 # ------------------------------------------------------------------------------------ the stages
@@ -162,7 +176,9 @@ class BaseStage(Stage):
 
     def key(self, ctx):
         cfg = ctx.cfg
-        return [cfg.model, cfg.seed, cfg.data.max_length]
+        # A local base folder rewritten in place must not keep its hash (a hub id pins `model.revision`).
+        local = [p for p in (cfg.model.base, cfg.model.tokenizer) if p and Path(p).exists()]
+        return [cfg.model, cfg.seed, cfg.data.max_length, [tree_stamp(p) for p in local]]
 
     def run(self, ctx, inputs, progress=quiet):
         from loramix import stages
@@ -194,7 +210,8 @@ class LoraStage(Stage):
         # Named by role, not by stage name: a search and a run, or two domains with the same
         # rows and settings, share one LoRA.
         role = self.name.split("/")[0]
-        return [role, self.optim(ctx).model_dump(exclude={"steps"} if self.budget_from else None), cfg.seed, digests]
+        optim = self.optim(ctx).model_dump(exclude={"steps"} if self.budget_from else None)
+        return [role, optim, cfg.seed, digests, data_fields(cfg)]
 
     def digest(self, ctx, upstream):
         return fingerprint(self.key(ctx), [upstream[d] for d in self.deps])
@@ -218,6 +235,7 @@ class RouterStage(Stage):
     def key(self, ctx):
         cfg = ctx.cfg
         return [
+            "mixture-dir",  # written to OUTPUT/mixture (versions are published from it)
             cfg.recipe,
             cfg.router,
             recipes.balance_coef(cfg),
@@ -225,6 +243,7 @@ class RouterStage(Stage):
             recipes.routed_experts(cfg),
             [ctx.train_digests[d.name] for d in cfg.data.domains],
             ctx.universal_digest,
+            data_fields(cfg),
         ]
 
     def run(self, ctx, inputs, progress=quiet):
@@ -247,6 +266,7 @@ class EvalStage(Stage):
             [ctx.eval_digests[d.name] for d in cfg.data.domains],
             ctx.general_digest,
             cfg.model.dtype,
+            data_fields(cfg),
         ]
 
     def run(self, ctx, inputs, progress=quiet):
@@ -335,11 +355,8 @@ def run_local(cfg: LoramixConfig, progress: Progress = quiet) -> tuple[dict[str,
             cached.append(stage.name)
             continue
         logger.info("stage %s", stage.name)
+        ctx.store.invalidate(stage.name)
         result = stage.run(ctx, {d: results[d] for d in stage.deps}, progress)
-        ctx.store.mark(stage.name, hashes[stage.name], result.to_json())
+        ctx.store.mark(stage.name, hashes[stage.name], result.to_json(), result.outputs())
         results[stage.name] = result
     return results, cached
-
-
-def stage_inputs(stage: Stage, results: dict[str, Any]) -> dict[str, Result]:
-    return {d: results[d] for d in stage.deps}

@@ -10,8 +10,10 @@ import logging
 from pathlib import Path
 
 from loramix.artifact import write_json
-from loramix.config import LoramixConfig, config_hash
+from loramix.config import LoramixConfig, config_hash, dump_config
 from loramix.plan import METHODS, EvalResult, LoraResult, Result, RouterResult
+from loramix.serve_config import SERVE_JSON, saved_settings
+from loramix.versions import POINTER, path_of, publish
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +76,46 @@ def undertrained(cfg: LoramixConfig, results: dict[str, Result], methods: dict) 
     return warnings
 
 
+def finish_run(
+    out: str | Path,
+    cfg: LoramixConfig,
+    results: dict[str, Result],
+    *,
+    timings: dict,
+    cached: list[str],
+    note: str = "",
+    extra: dict | None = None,
+) -> dict:
+    """The last step of a run, once every stage succeeded: publish the evaluated mixture as the
+    next artifact version, write the report and ``config.yaml``. Until then the folder's
+    ``config.yaml``, report and ``artifact`` are the previous run's, whatever failed in between."""
+    out = Path(out)
+    mixture = results["eval/mixture"]
+    scores = {"exact_match": (mixture.avg or {}).get("exact_match"), "per_domain": mixture.per_domain,
+              "router_accuracy": (mixture.router or {}).get("accuracy"), "general": mixture.general}  # fmt: skip
+    version = publish(out, results["router"].path, extra={SERVE_JSON: saved_settings(cfg.serve)}, scores=scores,
+                      note=note)  # fmt: skip
+    artifact = {"version": version, "path": str(path_of(out, version)), "pointer": str(out / POINTER)}
+    report = write_run_report(out, cfg, results, timings=timings, cached=cached,
+                              extra={"artifact": artifact, **(extra or {})})  # fmt: skip
+    (out / "config.yaml").write_text(dump_config(cfg))
+    return report
+
+
 def write_run_report(
-    out: str | Path, cfg: LoramixConfig, results: dict[str, Result], *, timings: dict, cached: list[str]
+    out: str | Path,
+    cfg: LoramixConfig,
+    results: dict[str, Result],
+    *,
+    timings: dict,
+    cached: list[str],
+    extra: dict | None = None,
 ) -> dict:
     """Assemble and write the report of a finished plan (``results`` keyed by stage name)."""
     methods = {m: method_row(results[f"eval/{m}"]) for m in METHODS if f"eval/{m}" in results}
     mixture = results.get("eval/mixture")
     training = {k: training_row(v) for k, v in results.items() if isinstance(v, LoraResult | RouterResult)}
-    extra = {"cached_stages": sorted(cached), "warnings": undertrained(cfg, results, methods)}
+    extra = {"cached_stages": sorted(cached), "warnings": undertrained(cfg, results, methods), **(extra or {})}
     if "universal" in results:
         extra["universal"] = {"variant": cfg.universal.variant, "data": results["universal"].data}
     return write_report(

@@ -362,18 +362,29 @@ class TokenRouter(Router):
 
 def context_mean(call: CallState, key: str, x: torch.Tensor) -> torch.Tensor:
     """``[batch, seq, d]``: for each token the mean of ``x`` over the whole prompt and the tokens
-    after the prompt up to it (the prompt is known in full before anything is generated). While
-    decoding, the sums of earlier steps are kept in ``call.prefix`` (one entry per layer)."""
-    earlier = call.prefix.get(key)
-    if earlier is None:  # the first forward: prompt (+ completion when training)
-        tokens = expand_batch(call.attention_mask, x.shape[0]).to(torch.float32)[..., None]
-        prompt = expand_batch(call.pool_mask, x.shape[0]).to(torch.float32)[..., None]
+    after the prompt up to it (the prompt is known in full before anything is generated).
+
+    A forward over the whole sequence (training, a prompt, a decode without KV cache) computes it
+    from scratch; a KV-cached decoding step continues the sums the prompt's forward left in
+    ``call.prefix`` (one entry per layer).
+    """
+    prompt_len = call.pool_mask.shape[1]
+    if x.shape[1] >= prompt_len:
+        extra = x.shape[1] - prompt_len  # tokens generated after the prompt (a decode without cache)
+        prompt = F.pad(expand_batch(call.pool_mask, x.shape[0]).float(), (0, extra))
+        tokens = F.pad(expand_batch(call.attention_mask, x.shape[0]).float(), (0, extra), value=1.0)
+        prompt, after = prompt[..., None], (tokens - prompt)[..., None]
         xf = x.float()
-        total = (xf * prompt).sum(1, keepdim=True) + (xf * (tokens - prompt)).cumsum(1)
-        count = prompt.sum(1, keepdim=True) + (tokens - prompt).cumsum(1)
-    else:  # a decoding step: one more token
-        total = earlier[0][:, None] + x.float().cumsum(1)
-        count = earlier[1][:, None] + torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
+        total = (xf * prompt).sum(1, keepdim=True) + (xf * after).cumsum(1)
+        count = prompt.sum(1, keepdim=True) + after.cumsum(1)
+    else:
+        earlier = call.prefix.get(key)
+        if earlier is None:
+            raise RuntimeError(
+                "a partial sequence without the prompt's forward first; run the prompt through the mixture."
+            )
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
+        total, count = earlier[0][:, None] + x.float().cumsum(1), earlier[1][:, None] + steps
     if call.freeze:
         call.prefix[key] = (total[:, -1], count[:, -1])
     return (total / count.clamp_min(1.0)).to(x.dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from loramix.section import Section
 
@@ -42,6 +42,8 @@ class DeploymentConfig(Section):
     """GPUs per replica; 1 on a GPU cluster (fractions share a GPU)."""
     max_ongoing_requests: int = Field(32, ge=1)
     """Requests a replica accepts at once; more wait in Serve's queue."""
+    max_queued_requests: int = Field(64, ge=1)
+    """Requests that may wait for this deployment; beyond them a client gets 503 at once (backpressure)."""
 
 
 def _experts_default() -> DeploymentConfig:
@@ -59,17 +61,37 @@ class ServeConfig(Section):
     """HTTP port."""
     api_key: str | None = None
     """Bearer key every /v1 request must carry; None reads LORAMIX_API_KEY, and no key means open access."""
+
+    @field_validator("api_key")
+    @classmethod
+    def _real_key(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("`serve.api_key` is empty or blank, which would leave the server open; set a real key.")
+        return key
+
     route_threshold: float = Field(0.8, ge=0, le=1)
     """Routed topology: top-1 router weight at or above which a request goes to that expert's own replica."""
     max_tokens_limit: int = Field(512, ge=1)
     """Largest `max_tokens` a request may ask for."""
     max_body_bytes: int = Field(1_000_000, ge=1024)
     """Largest request body accepted (413 above it)."""
+    max_prompts: int = Field(32, ge=1)
+    """Prompts one completions request may carry (400 above it, before anything is tokenised)."""
+    max_request_tokens: int = Field(16384, ge=1)
+    """Prompt tokens + `max_tokens` summed over a request's prompts (400 above it)."""
+    max_stop_strings: int = Field(4, ge=0)
+    """`stop` strings per request (OpenAI's limit)."""
+    max_stop_chars: int = Field(128, ge=1)
+    """Characters per `stop` string."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """A request still unanswered after this long is cancelled (the client gets 408)."""
+    graceful_shutdown_s: float = Field(20.0, ge=0)
+    """On shutdown or a rolling update a replica finishes its in-flight requests for up to this long."""
     max_batch_size: int = Field(16, ge=1)
     """Requests a model replica decodes together (`@serve.batch`)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     """How long a replica waits to fill a batch."""
-    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256)
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=512)
     """The HTTP front (tokenises, validates, dispatches); holds no model."""
     fused: DeploymentConfig = DeploymentConfig()
     """Replicas holding base + all experts."""
@@ -82,11 +104,8 @@ class ServeConfig(Section):
 SERVE_JSON = "serve.json"
 
 
-def save_serve_config(cfg: ServeConfig, artifact) -> None:
-    """Store the run's serve settings in the artifact (``serve.json``) so ``loramix serve ARTIFACT``
-    deploys as configured. The API key is never written to disk."""
-    from pathlib import Path
-
-    from loramix.artifact import write_json
-
-    write_json(Path(artifact) / SERVE_JSON, cfg.model_dump(exclude={"api_key"}))
+def saved_settings(cfg: ServeConfig) -> dict:
+    """The run's serve settings as an artifact keeps them (``serve.json``), so ``loramix serve``
+    deploys as configured: only what the user chose, so defaults can still adapt to the cluster
+    the app lands on. The API key is never written to disk."""
+    return cfg.model_dump(exclude={"api_key"}, exclude_unset=True)

@@ -49,6 +49,8 @@ class SamplingParams:
             problems.append(f"`top_p` must be in (0, 1], got {self.top_p}.")
         if any(not s for s in self.stop):
             problems.append("`stop` strings must be non-empty.")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            problems.append(f"`seed` must be in [0, 2^64), got {self.seed}.")
         if problems:
             raise ValueError(" ".join(problems))
 
@@ -71,8 +73,9 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" (eos or a stop string) | "length", on the last Delta
+    finish_reason: str | None = None  # "stop" (eos or a stop string) | "length" | "error", on the last Delta
     route: list[float] | None = None  # expert weights used, on the first Delta (None for a plain LM)
+    error: str | None = None  # why this request could not be decoded (finish_reason "error")
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Completion:
     finish_reason: str
     route: list[float] | None
     prompt_tokens: int
+    error: str | None = None
 
 
 @dataclass
@@ -135,9 +139,13 @@ class Engine:
         context_length: longest prompt + completion (default: the config's ``max_position_embeddings``).
     """
 
-    def __init__(self, model, tokenizer, *, context_length: int | None = None):
+    def __init__(self, model, tokenizer, *, context_length: int | None = None, pinned: str | None = None):
         self.mixture = model if isinstance(model, MixtureModel) else None
         self.lm = model.base_model if self.mixture else model
+        # One expert served alone from the mixture (experts that cannot be merged, MoDULA-Res).
+        self.pinned = None
+        if pinned is not None:
+            self.pinned = [float(n == pinned) for n in self.mixture.expert_names]
         self.lm.eval()
         # Newer transformers name the KV cache `cache`; older ones `past_key_values`.
         self._cache_kw = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
@@ -158,13 +166,14 @@ class Engine:
 
         mm = MixtureModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
         tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer")
-        if expert is None:
-            model = mm.cast_experts(next(mm.base_model.parameters()).dtype)
-        elif expert not in mm.expert_names:
+        pinned = None
+        if expert is not None and expert not in mm.expert_names:
             raise ValueError(f"unknown expert {expert!r}; the artifact holds {mm.expert_names}.")
+        if expert is None or mm.variant == "res":  # Res experts read the trunk's output: not mergeable
+            model, pinned = mm.cast_experts(next(mm.base_model.parameters()).dtype), expert
         else:  # merged from the weights as saved
             model = mm.merged_base([float(n == expert) for n in mm.expert_names])
-        return cls(model.to(accelerator() if device == "auto" else device), tokenizer)
+        return cls(model.to(accelerator() if device == "auto" else device), tokenizer, pinned=pinned)
 
     @property
     def expert_names(self) -> list[str]:
@@ -189,10 +198,10 @@ class Engine:
                 f"context length {self.context_length}. Shorten the prompt or lower max_tokens."
             )
         if request.expert_weights is not None:
-            if self.mixture is None:
-                raise ValueError("this model serves one merged expert; it takes no `expert_weights`.")
+            if self.mixture is None or self.pinned is not None:
+                raise ValueError("this model serves one expert; it takes no `expert_weights`.")
             self.mixture.check_expert_weights(list(request.expert_weights), 1)
-        elif self.mixture is not None and self.mixture.router is None:
+        elif self.mixture is not None and self.mixture.router is None and self.pinned is None:
             raise ValueError("this mixture has no router: every request needs `expert_weights`.")
 
     @torch.inference_mode()
@@ -203,15 +212,33 @@ class Engine:
         batch = self._pad(prompts)
         return self.mixture.route(batch["input_ids"], batch["attention_mask"]).tolist()
 
-    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Delta | None]]:
-        """Decode ``requests`` together; yields one list (aligned with ``requests``) per step."""
-        for r in requests:
-            self.check(r)
-        for rows, weights, routes in self._groups(requests):
-            for step in self._decode([requests[i] for i in rows], weights, routes):
+    def stream(self, requests: Sequence[GenerationRequest | Exception]) -> Iterator[list[Delta | None]]:
+        """Decode ``requests`` together; yields one list (aligned with ``requests``) per step.
+
+        A request this engine cannot decode (or an exception in its place: a request that could not
+        even be built) gets one Delta with ``finish_reason="error"`` and does not stop the others.
+        """
+        failed: dict[int, str] = {}
+        for i, r in enumerate(requests):
+            try:
+                if isinstance(r, Exception):
+                    raise r
+                self.check(r)
+            except (ValueError, TypeError) as err:
+                failed[i] = str(err)
+        if failed:
+            yield [Delta("", [], "error", error=failed[i]) if i in failed else None for i in range(len(requests))]
+        good = [i for i in range(len(requests)) if i not in failed]
+        if not good:
+            return
+        todo = [requests[i] for i in good]
+        if self.pinned is not None:
+            todo = [GenerationRequest(r.prompt_ids, r.params, self.pinned) for r in todo]
+        for rows, weights, routes in self._groups(todo):
+            for step in self._decode([todo[i] for i in rows], weights, routes):
                 out: list[Delta | None] = [None] * len(requests)
                 for i, delta in zip(rows, step):
-                    out[i] = delta
+                    out[good[i]] = delta
                 yield out
 
     def complete(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
@@ -227,7 +254,8 @@ class Engine:
                 [t for d in ds for t in d.token_ids],
                 ds[-1].finish_reason,
                 ds[0].route,
-                len(r.prompt_ids),
+                0 if isinstance(r, Exception) else len(r.prompt_ids),
+                ds[-1].error,
             )
             for r, ds in zip(requests, parts)
         ]
@@ -246,6 +274,9 @@ class Engine:
         every = list(range(len(requests)))
         if self.mixture is None:
             yield every, None, [None] * len(requests)
+            return
+        if self.pinned is not None:  # served as one expert: no route to report, as a merged replica
+            yield every, torch.tensor([self.pinned] * len(requests)), [None] * len(requests)
             return
         explicit = [i for i in every if requests[i].expert_weights is not None]
         routed = [i for i in every if requests[i].expert_weights is None]
@@ -310,7 +341,9 @@ def _sample(logits: torch.Tensor, requests, gens) -> torch.Tensor:
     rows = logits[sampled].cpu() if sampled else None  # one device-to-host copy per step, not one per row
     for row, i in enumerate(sampled):
         p = requests[i].params
-        probs = torch.softmax(rows[row] / p.temperature, -1)
+        probs = torch.softmax(rows[row].double() / p.temperature, -1)
+        if not torch.isfinite(probs).all():  # logits that overflow at this temperature: its limit is greedy
+            continue
         if p.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p  # keep the smallest set reaching top_p

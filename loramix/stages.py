@@ -64,14 +64,16 @@ def base_stage(cfg: LoramixConfig, out_dir: str | Path, progress: Progress = qui
         )
     base.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return BaseResult(str(out_dir), str(out_dir), time.perf_counter() - t0)
+    return BaseResult(str(out_dir), str(out_dir), time.perf_counter() - t0, built=True)
 
 
 def load_base(cfg: LoramixConfig, base: BaseResult):
     """The frozen base in ``model.dtype``, on this process's accelerator (a Ray task's GPU) or the CPU."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base.base, dtype=getattr(torch, cfg.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        base.base, dtype=getattr(torch, cfg.model.dtype), revision=cfg.model.revision
+    )
     return model.to(loops.accelerator()).eval()
 
 
@@ -266,10 +268,9 @@ def router_stage(ctx: Context, inputs: dict, progress: Progress = quiet) -> Rout
         mm,
         it,
         report=progress("router", cfg.router.steps),
-        balance_coef=recipes.balance_coef(cfg),
         log_every=cfg.train.log_every,
     )
-    out = ctx.out / "artifact"
+    out = ctx.out / "mixture"  # the stage's output; `loramix run` publishes it as a version once evaluated
     local = Path(base.base)
     mm.save_pretrained(out, base_path=str(local.resolve()) if local.is_dir() else base.base)
     tokenizer.save_pretrained(out / "tokenizer")

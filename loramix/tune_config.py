@@ -26,8 +26,8 @@ class TuneConfig(Section):
     """Validation points every trial gets before ASHA may stop it."""
     reduction_factor: int = Field(2, ge=2)
     """ASHA keeps the top 1/reduction_factor of trials at each rung."""
-    cpus_per_trial: float = Field(1.0, ge=0)
-    """CPUs of a trial process (router training + validation); expert trainers reserve their own."""
+    cpus_per_trial: float = Field(0.5, ge=0)
+    """CPUs of a trial process (router training + validation; it mostly waits); expert trainers reserve their own."""
     gpus_per_trial: float = Field(0.0, ge=0)
     """GPUs of a trial process."""
 

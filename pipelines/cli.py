@@ -31,7 +31,14 @@ def _demo(args) -> int:
     report = run_demo(cfg, out, progress=bar_report)
     print(format_report(report))
     print(f"\nreport:   {out}/report.json\nartifact: {out}/artifact  (MixtureModel.from_pretrained)")
+    _print_warnings(report)
     return 0
+
+
+def _print_warnings(report: dict) -> None:
+    """The report's warnings, last, on stderr, where a user looks after a long run."""
+    for warning in report.get("warnings", []):
+        print(f"loramix: warning: {warning}", file=sys.stderr)
 
 
 def _run(args) -> int:
@@ -45,8 +52,9 @@ def _run(args) -> int:
     cached = report.get("cached_stages") or []
     if cached:
         print(f"\nreused {len(cached)} finished stages: {', '.join(cached)}")
-    print(f"\nreport:   {out}/report.json (+ report.md, accuracy.png, confusion.png, loss_curves.png)")
+    print(f"\nreport:   {out}/report.json (+ report.md, accuracy.png, confusion.png, gates.png, loss_curves.png)")
     print(f"artifact: {out}/artifact  (MixtureModel.from_pretrained, loramix serve)")
+    _print_warnings(report)
     return 0
 
 

@@ -27,22 +27,24 @@ import ray
 from actors.progress import ProgressActor
 from actors.stage_tasks import launch
 from loramix import plan
-from loramix.config import LoramixConfig, dump_config
+from loramix.config import LoramixConfig
 from loramix.demo import ensure_demo_data
-from loramix.report import write_run_report
-from loramix.serve_config import save_serve_config
+from loramix.lock import output_lock
+from loramix.report import finish_run
 from pipelines.progress import wait_with_bars
 
 logger = logging.getLogger(__name__)
 
 
-def connect(address: str | None = None) -> None:
-    """``--address``, else ``RAY_ADDRESS``, else a new local instance."""
+def connect(address: str | None = None) -> bool:
+    """``--address``, else ``RAY_ADDRESS``, else a new local instance. True when the cluster is a
+    local instance this process started (nothing autoscales it)."""
     if ray.is_initialized():
-        return
+        return not (address or os.environ.get("RAY_ADDRESS"))
     address = address or os.environ.get("RAY_ADDRESS")
     # No runtime_env here: inside `ray job submit` it would clash with the job's own.
     ray.init(address=address, log_to_driver=False)
+    return address is None
 
 
 def submit(cfg: LoramixConfig, progress) -> tuple[dict, list[str]]:
@@ -61,8 +63,11 @@ def submit(cfg: LoramixConfig, progress) -> tuple[dict, list[str]]:
     return nodes, cached
 
 
-def run_pipeline(cfg: LoramixConfig, output: str | Path | None = None, address: str | None = None) -> dict:
-    """Run (or reuse) every stage on Ray, then write ``report.json``/``report.md``/plots and return the report."""
+def run_pipeline(
+    cfg: LoramixConfig, output: str | Path | None = None, address: str | None = None, *, note: str = "", extra=None
+) -> dict:
+    """Run (or reuse) every stage on Ray, then publish the artifact version and write
+    ``report.json``/``report.md``/plots and ``config.yaml`` (:func:`loramix.report.finish_run`)."""
     out = Path(output or cfg.output).resolve()
     cfg = cfg.model_copy(update={"output": str(out)})
     ensure_demo_data(cfg)
@@ -71,17 +76,16 @@ def run_pipeline(cfg: LoramixConfig, output: str | Path | None = None, address: 
             path = getattr(d, split)
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"domain {d.name!r}: {split} data {path!r} does not exist.")
-    connect(address)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    t0 = time.perf_counter()
-    progress = ProgressActor.remote()
-    nodes, cached = submit(cfg, progress)
-    results = wait_with_bars({k: v for k, v in nodes.items() if isinstance(v, ray.ObjectRef)}, progress)
-    results |= {k: v for k, v in nodes.items() if not isinstance(v, ray.ObjectRef)}
-    timings = {
-        k: 0.0 if k in cached else (getattr(v, "wall_seconds", None) or getattr(v, "seconds", 0.0))
-        for k, v in results.items()
-    }
-    save_serve_config(cfg.serve, out / "artifact")
-    return write_run_report(out, cfg, results, timings=timings | {"total": time.perf_counter() - t0}, cached=cached)
+    with output_lock(out):
+        connect(address)
+        t0 = time.perf_counter()
+        progress = ProgressActor.remote()
+        nodes, cached = submit(cfg, progress)
+        results = wait_with_bars({k: v for k, v in nodes.items() if isinstance(v, ray.ObjectRef)}, progress)
+        results |= {k: v for k, v in nodes.items() if not isinstance(v, ray.ObjectRef)}
+        timings = {
+            k: 0.0 if k in cached else (getattr(v, "wall_seconds", None) or getattr(v, "seconds", 0.0))
+            for k, v in results.items()
+        }
+        timings["total"] = time.perf_counter() - t0
+        return finish_run(out, cfg, results, timings=timings, cached=cached, note=note, extra=extra)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,11 +18,12 @@ import yaml
 
 from loramix.config import ConfigError, apply_overrides
 from loramix.serve_config import ServeConfig
-from serve_app.app import build_app, load_serve_config, serve_config
+from serve_app.app import build_app, deployments, initial_replicas, load_serve_config, resource_demand, serve_config
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "loramix"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def settings(artifact: str, overrides: list[str] = (), **flags) -> ServeConfig:
@@ -30,18 +33,106 @@ def settings(artifact: str, overrides: list[str] = (), **flags) -> ServeConfig:
     return load_serve_config(artifact, changes)
 
 
-def deploy(artifact: str, cfg: ServeConfig, address: str | None = None) -> str:
-    """Start (or update) the application; returns its base URL."""
+SECTIONS = ("ingress", "fused", "router", "experts")
+
+
+def fit_to_cluster(artifact: str, cfg: ServeConfig, cpus: float, gpus: float) -> ServeConfig:
+    """Shrink the CPU reservations a user left at their defaults until the initial replicas fit a
+    cluster that nothing will grow (a local instance), or say which settings to change.
+
+    Replicas of this size mostly wait on each other, so sharing cores costs little; a cluster
+    too small even for explicit settings is an error now rather than an app that never starts.
+    """
+    demand = resource_demand(artifact, cfg)
+    if demand["GPU"] > gpus:
+        raise ConfigError(
+            f"the app's replicas ask for {demand['GPU']:g} GPUs but the cluster has {gpus:g}. Lower "
+            "`serve.*.num_gpus` (e.g. experts.num_gpus=0) or serve on a cluster with GPUs."
+        )
+    if demand["CPU"] <= cpus:
+        return cfg
+    fixed = {  # what the user set, in the run's `serve` section or an override (others are defaults)
+        s: getattr(cfg, s)
+        for s in SECTIONS
+        if s in cfg.model_fields_set and "num_cpus" in getattr(cfg, s).model_fields_set
+    }
+    flexible = [s for s in SECTIONS if s not in fixed]
+    opts = deployments(artifact, cfg)
+    replicas = {s: sum(initial_replicas(o) for n, o in opts.items() if _section(n) == s) for s in SECTIONS}
+    taken = sum(replicas[s] * fixed[s].num_cpus for s in fixed)
+    share = sum(replicas[s] for s in flexible)
+    room = cpus - taken
+    if share == 0 or room <= 0.05 * share:
+        settings = ", ".join(f"`serve.{s}.num_cpus`" for s in SECTIONS if replicas[s])
+        raise ConfigError(
+            f"the app's {sum(replicas.values())} initial replicas ask for {demand['CPU']:g} CPUs but this cluster has "
+            f"{cpus:g} and nothing will add more. Lower {settings}, or start fewer expert replicas "
+            "(`serve.experts.autoscaling.min_replicas=0`), or serve `--topology fused`."
+        )
+    each = round(min(room / share, 1.0), 3)
+    what = "/".join(flexible)
+    logger.warning(
+        "the app asks for %g CPUs on a %g-CPU cluster: %s replicas reserve %g CPU each", demand["CPU"], cpus, what, each
+    )
+    return cfg.model_copy(update={s: getattr(cfg, s).model_copy(update={"num_cpus": each}) for s in flexible})
+
+
+def _section(deployment: str) -> str:
+    return "experts" if deployment.startswith("expert-") else deployment
+
+
+def deploy(artifact: str, cfg: ServeConfig, address: str | None = None, *, start_timeout_s: float = 120.0) -> str:
+    """Start (or update) the application and wait until it runs; returns its base URL.
+
+    On a local instance (no autoscaler) the replicas are first fitted to its CPUs; an app still not
+    running after ``start_timeout_s`` is an error naming the deployments it waits for.
+    """
+    import ray
     from ray import serve
 
     from pipelines.run import connect
 
     artifact = str(Path(artifact).resolve())
-    connect(address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app({"artifact": artifact, "serve": cfg.model_dump()}), name=APP_NAME, route_prefix="/")
+    local = connect(address)
+    if local:
+        resources = ray.cluster_resources()
+        cfg = fit_to_cluster(artifact, cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+    app = build_app({"artifact": artifact, "serve": cfg.model_dump()})
+    # serve.run waits for the app inside a thread: this one stays free to notice Ctrl-C and time-outs.
+    options = {"name": APP_NAME, "route_prefix": "/"}
+    thread = threading.Thread(target=serve.run, args=(app,), kwargs=options, daemon=True)
+    thread.start()
+    wait_running(start_timeout_s if local else None)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}"
+
+
+def wait_running(timeout_s: float | None, poll_s: float = 1.0) -> None:
+    """Until the app runs; raises when it failed or (with ``timeout_s``) is still not running, naming
+    the deployments that are not, and prints what it waits for every 30 s."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    t0, said = time.monotonic(), 0.0
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        status = app.status if app else ApplicationStatus.NOT_STARTED
+        if status == ApplicationStatus.RUNNING:
+            return
+        waiting = sorted(n for n, d in (app.deployments if app else {}).items() if d.status != "HEALTHY")
+        if status == ApplicationStatus.DEPLOY_FAILED:
+            raise ConfigError(f"the app failed to deploy: {app.message}")
+        elapsed = time.monotonic() - t0
+        if timeout_s is not None and elapsed > timeout_s:
+            raise ConfigError(
+                f"the app is not running after {timeout_s:.0f} s; still starting: {', '.join(waiting) or 'the app'}. "
+                "Its replicas may not fit this cluster: lower `serve.*.num_cpus` / `num_gpus` or the replica counts."
+            )
+        if elapsed - said > 30:
+            said = elapsed
+            print(f"loramix: waiting for {', '.join(waiting) or 'the app'} to start ({elapsed:.0f} s)", file=sys.stderr)
+        time.sleep(poll_s)
 
 
 def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *, detach: bool = False) -> str:
@@ -52,23 +143,44 @@ def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *
             "`--detach` leaves the app on a running cluster, but none was given: pass --address or set "
             "RAY_ADDRESS (without one, the local Ray this command starts ends with it)."
         )
-    url = deploy(artifact, cfg, address)
-    print(f"serving {artifact} ({cfg.topology}) at {url}/v1  (OpenAI-compatible; {url}/healthz)", flush=True)
-    if detach:
-        return url
-    from ray import serve
-
+    if cfg.api_key is None and cfg.host not in LOOPBACK:
+        print(
+            f"loramix: warning: serving on {cfg.host} without an API key: anyone who reaches the port can use it. "
+            "Set LORAMIX_API_KEY (preferred over --api-key, which `ps` shows).",
+            file=sys.stderr,
+        )
     try:
+        url = deploy(artifact, cfg, address)
+        print(f"serving {artifact} ({cfg.topology}) at {url}/v1  (OpenAI-compatible; {url}/healthz)", flush=True)
+        if detach:
+            return url
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        try:
-            if cluster:  # a local instance goes away with this process anyway
-                serve.delete(APP_NAME)
-        except KeyboardInterrupt:
-            pass
-        print("stopped")
-    return url
+        print("stopping", file=sys.stderr, flush=True)
+        return ""
+    finally:
+        if not detach:
+            stop(cluster)
+
+
+def stop(cluster: str | None) -> None:
+    """Take down what this command started: the app on a cluster; the whole local instance otherwise
+    (GCS, raylet, Serve controller, replicas: nothing is left holding the ports)."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        if cluster:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+    except Exception as err:  # shutting down anyway
+        logger.warning("while stopping Serve: %s", err)
+    finally:
+        ray.shutdown()
 
 
 def write_serve_config(artifact: str, cfg: ServeConfig, output: str | None = None) -> str:
@@ -83,4 +195,13 @@ def write_serve_config(artifact: str, cfg: ServeConfig, output: str | None = Non
 
 
 def api_key_flag(value: str | None) -> str | None:
-    return value or os.environ.get("LORAMIX_API_KEY") or None
+    """The key from ``--api-key``, else ``LORAMIX_API_KEY``; a blank one is an error, not an open server."""
+    if value is not None:
+        key, source = value, "--api-key"
+    elif "LORAMIX_API_KEY" in os.environ:
+        key, source = os.environ["LORAMIX_API_KEY"], "LORAMIX_API_KEY"
+    else:
+        return None
+    if not key.strip():
+        raise ConfigError(f"{source} is empty or blank, which would leave the server open; set a real key.")
+    return key

@@ -32,7 +32,7 @@ from actors.expert_cache import ExpertCacheActor
 from actors.progress import ProgressActor
 from actors.stage_tasks import launch
 from loramix import plan
-from loramix.config import LoramixConfig, apply_values, build_config, dump_config
+from loramix.config import ConfigError, LoramixConfig, apply_values, build_config, dump_config
 from loramix.demo import ensure_demo_data
 from loramix.tuning import METRIC, router_trial
 from pipelines.run import connect
@@ -81,6 +81,21 @@ def _prepare(cfg: LoramixConfig, progress) -> plan.BaseResult:
     if done is not None:
         return plan.BaseResult.from_json(done)
     return ray.get(launch(stage, ctx, digest, progress, []))
+
+
+def check_fits(cfg: LoramixConfig, cpus: float) -> None:
+    """Trials hold their CPUs while they wait for the expert trainers they launched: on a cluster
+    nothing grows, running trials plus one trainer must fit, or the search waits forever."""
+    t, r = cfg.tune, cfg.resources
+    trials = t.max_concurrent_trials * t.cpus_per_trial
+    trainer = r.num_workers * r.cpus_per_worker
+    if trials + trainer > cpus:
+        raise ConfigError(
+            f"{t.max_concurrent_trials} concurrent trials x {t.cpus_per_trial:g} CPUs (`tune.max_concurrent_trials` x "
+            f"`tune.cpus_per_trial`) + one expert trainer's {trainer:g} (`resources.num_workers` x "
+            f"`resources.cpus_per_worker`) need {trials + trainer:g} CPUs; this cluster has {cpus:g} and nothing will "
+            "add more, so the trials would wait forever for their experts. Lower those settings."
+        )
 
 
 def _tuner(cfg: LoramixConfig, space: dict, trainable, storage: Path) -> tune.Tuner:
@@ -134,7 +149,8 @@ def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str 
     shared = out / "tune" / "shared"
     # Stages (base, experts) write under the shared folder; trials never copy weights around.
     cfg = cfg.model_copy(update={"output": str(shared)})
-    connect(address)
+    if connect(address):
+        check_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
     t0 = time.perf_counter()
     progress = ProgressActor.remote()
     base = _prepare(cfg, progress)

@@ -39,11 +39,13 @@ def _deep_update(base: dict, new: dict) -> dict:
     return out
 
 
-def deployment_options(d: DeploymentConfig) -> dict:
+def deployment_options(d: DeploymentConfig, graceful_shutdown_s: float = 20.0) -> dict:
     """One ``DeploymentConfig`` as Serve ``.options(...)``: what the autoscaler sees."""
     opts = {
         "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
         "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "graceful_shutdown_timeout_s": graceful_shutdown_s,
     }
     if d.autoscaling is None:
         opts["num_replicas"] = d.num_replicas
@@ -68,7 +70,22 @@ def deployments(artifact: str, cfg: ServeConfig) -> dict[str, dict]:
         names["router"] = cfg.router
         for expert in read_manifest(artifact)["expert_names"]:
             names[expert_deployment_name(expert)] = cfg.experts
-    return {name: deployment_options(d) for name, d in names.items()}
+    return {name: deployment_options(d, cfg.graceful_shutdown_s) for name, d in names.items()}
+
+
+def initial_replicas(opts: dict) -> int:
+    auto = opts.get("autoscaling_config")
+    return auto["initial_replicas"] if auto else opts["num_replicas"]
+
+
+def resource_demand(artifact: str, cfg: ServeConfig) -> dict[str, float]:
+    """CPUs and GPUs the application's initial replicas reserve (what must fit for it to start)."""
+    demand = {"CPU": 0.0, "GPU": 0.0}
+    for opts in deployments(artifact, cfg).values():
+        n = initial_replicas(opts)
+        demand["CPU"] += n * opts["ray_actor_options"]["num_cpus"]
+        demand["GPU"] += n * opts["ray_actor_options"]["num_gpus"]
+    return demand
 
 
 def build_app(args: dict):
@@ -104,7 +121,7 @@ def serve_config(artifact: str | Path, cfg: ServeConfig, *, app_name: str = "lor
     settings = cfg.model_dump(exclude={"api_key"})
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": cfg.host, "port": cfg.port},
+        "http_options": {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
         "applications": [
             {
                 "name": app_name,

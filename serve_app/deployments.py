@@ -33,6 +33,15 @@ async def _steps(iterator):
         yield step
 
 
+def _request(payload: dict) -> GenerationRequest | Exception:
+    """A payload as a request, or the error building it (which then fails that request alone)."""
+    try:
+        params = SamplingParams(**payload["params"])
+        return GenerationRequest(payload["prompt_ids"], params, payload.get("expert_weights"))
+    except (TypeError, ValueError, KeyError) as err:
+        return ValueError(f"bad request payload: {err}")
+
+
 @serve.deployment
 class ModelDeployment:
     """Decodes batches of requests; ``expert`` selects a merged single-expert model.
@@ -63,9 +72,7 @@ class ModelDeployment:
         """Stream a batch: yields one list per step with a dict (new text/tokens), None (nothing
         new this step) or StopIteration (that request has finished) per request."""
         self.requests += len(payloads)
-        requests = [
-            GenerationRequest(p["prompt_ids"], SamplingParams(**p["params"]), p.get("expert_weights")) for p in payloads
-        ]
+        requests = [_request(p) for p in payloads]
         finished = [False] * len(requests)
         async for step in _steps(self.engine.stream(requests)):
             out = []
@@ -80,6 +87,15 @@ class ModelDeployment:
     def stats(self) -> dict:
         """What this replica served (tests use it to see where a request went)."""
         return {"pid": os.getpid(), "expert": self.expert, "requests": self.requests}
+
+    def ready(self) -> bool:
+        """The ingress's readiness probe (`/readyz`): this replica holds its model."""
+        return True
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose model lost its weights is restarted."""
+        if next(self.engine.lm.parameters(), None) is None:
+            raise RuntimeError("the replica's model has no parameters")
 
 
 @serve.deployment
@@ -99,3 +115,6 @@ class RouterDeployment:
 
     def stats(self) -> dict:
         return {"pid": os.getpid(), "expert": None, "requests": self.requests}
+
+    def ready(self) -> bool:
+        return True

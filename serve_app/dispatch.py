@@ -53,19 +53,33 @@ class Dispatcher:
         self.sequence_router = sequence_router  # its route is a fixed weight vector per prompt
 
     # ----------------------------------------------------------------------------- validation
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, field: str = "prompt") -> list[int]:
         """As training saw prompts: BOS + tokens."""
-        return encode_prompt(self.tokenizer, text)
+        try:
+            return encode_prompt(self.tokenizer, text)
+        except (UnicodeError, ValueError, TypeError) as err:
+            raise APIError(400, f"`{field}` cannot be tokenized: {err}.", field) from None
 
     def chat_prompt(self, messages) -> list[int]:
         """The tokenizer's chat template with a generation prompt; without one, the messages'
         contents joined by newlines (roles dropped), which is how the demo world's prompts read."""
-        if self.tokenizer.chat_template:
+        if not self.tokenizer.chat_template:
+            return self.encode("\n".join(m.content for m in messages), "messages")
+        try:
             ids = self.tokenizer.apply_chat_template(
                 [m.model_dump() for m in messages], add_generation_prompt=True, tokenize=True
             )
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return self.encode("\n".join(m.content for m in messages))
+        except Exception as err:  # jinja2 TemplateError (e.g. roles the template refuses), encoding errors
+            raise APIError(400, f"the model's chat template refused `messages`: {err}", "messages") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def check_prompts(self, count: int) -> None:
+        """Refuse a request with too many prompts before anything is tokenised."""
+        if count > self.cfg.max_prompts:
+            message = (
+                f"`prompt` holds {count} prompts; at most {self.cfg.max_prompts} (`serve.max_prompts`) per request."
+            )
+            raise APIError(400, message, "prompt")
 
     def _pin(self, body) -> str | None:
         name = self.cfg.model_name
@@ -98,11 +112,13 @@ class Dispatcher:
         values = [float(given.get(n, 0.0)) for n in self.expert_names]
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise APIError(400, "`expert_weights` must be finite and >= 0.", "expert_weights")
-        total = sum(values)
-        if total <= 0:
-            raise APIError(400, "`expert_weights` are all zero; give at least one expert a positive weight.",
-                           "expert_weights")  # fmt: skip
-        return [v / total for v in values]
+        top = max(values)
+        if top <= 0:
+            message = "`expert_weights` are all zero; give at least one expert a positive weight."
+            raise APIError(400, message, "expert_weights")
+        scaled = [v / top for v in values]  # by the largest first: a sum of huge weights cannot overflow
+        total = sum(scaled)
+        return [v / total for v in scaled]
 
     def plan(self, body, prompts: list[list[int]], field: str) -> list[Plan]:
         """Validate ``body`` for ``prompts`` (token ids) and return one plan per prompt."""
@@ -116,6 +132,7 @@ class Dispatcher:
             raise APIError(400, f"`n` must be 1, got {body.n}; send separate requests for more samples.", "n")
         if body.stream and len(prompts) > 1:
             raise APIError(400, "`stream` takes a single prompt; send a list without streaming.", "stream")
+        body.check_stop(self.cfg.max_stop_strings, self.cfg.max_stop_chars)
         limit = self.cfg.max_tokens_limit
         longest = max(len(p) for p in prompts)
         max_tokens = body.max_tokens
@@ -133,6 +150,13 @@ class Dispatcher:
                     f"context length {self.context_length}. Shorten the prompt or lower max_tokens.",
                     field,
                 )
+        total = sum(len(p) + max_tokens for p in prompts)
+        if total > self.cfg.max_request_tokens:
+            message = (
+                f"the request asks for {total} tokens (prompts + max_tokens per prompt); at most "
+                f"{self.cfg.max_request_tokens} (`serve.max_request_tokens`). Split it."
+            )
+            raise APIError(400, message, field)
         params = SamplingParams(max_tokens, body.temperature, body.top_p, body.stop_strings(), body.seed)
         return [Plan(body.model, p, params, weights, pinned, self.expert_names) for p in prompts]
 
@@ -158,6 +182,8 @@ class Dispatcher:
         async for delta in handle.options(stream=True).generate.remote(payload):
             if delta is None:
                 continue
+            if delta.get("error"):
+                raise APIError(400, f"the model could not decode this request: {delta['error']}")
             if first:
                 weights = delta.get("route") or known
                 delta["route"] = {

@@ -4,7 +4,12 @@ Everything a client can get wrong is rejected here, before any model replica see
 request costs a tokenizer call at most, and replicas only ever receive valid token ids.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /healthz`` (never needs the key).
+``GET /healthz`` (liveness) and ``GET /readyz`` (every model deployment answers); neither of the
+last two needs the key. There is no ``/docs`` or ``/openapi.json``.
+
+Whatever goes wrong, a client gets an OpenAI error object: 4xx naming the field when the request
+is at fault, 503 when a deployment's queue is full (retry later), 500 otherwise (logged here),
+never a traceback; a stream that fails after its headers ends with an error event and ``[DONE]``.
 """
 
 import asyncio
@@ -17,9 +22,10 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError
 
 from loramix.checkpoint import read_manifest
 from loramix.routers import ROUTERS
@@ -29,12 +35,28 @@ from serve_app.schemas import APIError, ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
-app = FastAPI(title="loramix", docs_url=None, redoc_url=None)
+app = FastAPI(title="loramix", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
     return exc.response()
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):
+    return internal_error(exc).response()
+
+
+def internal_error(exc: BaseException) -> APIError:
+    """What a client sees of a failure that is not its request's fault (503 for backpressure)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        message = "the server is at capacity (`serve.*.max_queued_requests`); retry shortly."
+        return APIError(503, message, code="overloaded")
+    logger.exception("request failed", exc_info=exc)
+    return APIError(500, f"internal error ({type(exc).__name__}); the server logged it.", code="internal_error")
 
 
 def _sse(obj) -> str:
@@ -89,7 +111,9 @@ class IngressDeployment:
             experts or {},
             sequence_router=recipe is not None and ROUTERS[recipe].fixed_per_prompt,
         )
-        self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY") or None
+        self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("LORAMIX_API_KEY is set but blank, which would leave the server open; set a real key.")
         tags = ("model", "expert", "target")
         self.m_requests = metrics.Counter("loramix_requests", "Completed requests.", tag_keys=tags)
         self.m_tokens = metrics.Counter("loramix_completion_tokens", "Generated tokens.", tag_keys=tags)
@@ -124,6 +148,8 @@ class IngressDeployment:
             data = json.loads(raw)
         except ValueError as err:
             raise APIError(400, f"the request body is not valid JSON: {err}.", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests JSON too deeply.", code="invalid_json") from None
         return parse(schema, data)
 
     def _observe(self, plan: Plan, result: dict, start: float) -> None:
@@ -141,9 +167,16 @@ class IngressDeployment:
 
     async def _stream(self, plan: Plan, chunk, include_usage: bool):
         start, result = time.perf_counter(), None
-        async for delta in self.dispatcher.deltas(plan):
-            result = self.dispatcher.accumulate(result, delta)
-            yield _sse(chunk(delta))
+        try:
+            async for delta in self.dispatcher.deltas(plan):
+                result = self.dispatcher.accumulate(result, delta)
+                yield _sse(chunk(delta))
+        except Exception as exc:  # the headers are sent: the error goes into the stream
+            error = internal_error(exc)
+            body = {"message": error.message, "type": "server_error", "param": error.param, "code": error.code}
+            yield _sse({"error": body})
+            yield "data: [DONE]\n\n"
+            return
         self._observe(plan, result, start)
         if include_usage:
             yield _sse(chunk(None) | {"choices": [], "usage": _usage(plan, result)})
@@ -152,7 +185,25 @@ class IngressDeployment:
     # ------------------------------------------------------------------------------------ routes
     @app.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness: this process answers."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self):
+        """Readiness: every model deployment answers within a few seconds (503 until then)."""
+        d = self.dispatcher
+        handles = {"fused": d.fused, **{f"expert:{n}": h for n, h in d.experts.items()}}
+        if d.router is not None:
+            handles["router"] = d.router
+        waiting = []
+        for name, handle in handles.items():
+            try:
+                await asyncio.wait_for(handle.ready.remote(), timeout=5)
+            except Exception:
+                waiting.append(name)
+        if waiting:
+            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
+        return {"status": "ready"}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -169,7 +220,10 @@ class IngressDeployment:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "`prompt` is an empty list; send at least one prompt.", param="prompt")
-        plans = self.dispatcher.plan(body, [self.dispatcher.encode(p) for p in prompts], "prompt")
+        self.dispatcher.check_prompts(len(prompts))
+        # Tokenising is CPU work: off the event loop, which keeps serving other requests meanwhile.
+        ids = await asyncio.to_thread(lambda: [self.dispatcher.encode(p) for p in prompts])
+        plans = self.dispatcher.plan(body, ids, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta):
@@ -207,7 +261,8 @@ class IngressDeployment:
         body = await self._body(request, ChatCompletionRequest)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        plans = self.dispatcher.plan(body, [self.dispatcher.chat_prompt(body.messages)], "messages")
+        ids = await asyncio.to_thread(self.dispatcher.chat_prompt, body.messages)
+        plans = self.dispatcher.plan(body, [ids], "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = {"sent": False}
 

@@ -44,3 +44,13 @@ def test_dotted_names_and_unknown_weights(adapters):
     assert merged.active_adapter == "loramix_merged"
     with pytest.raises(ValueError, match=r"unknown experts \['nope'\]"):
         merge_adapters(tiny_llama(0), adapters, weights={"nope": 1.0})
+
+
+def test_experts_named_like_module_attributes_merge(adapters):
+    """PEFT keys modules by adapter name: an expert called `double` (an nn.Module method) broke the
+    merge baselines of a whole run before adapter names became positional."""
+    named = {"double": adapters["reverse"], "train": adapters["sort"], "to": adapters["shift"]}
+    merged = merge_adapters(tiny_llama(0), named, combination_type="cat")
+    mm = MixtureModel.from_adapters(tiny_llama(0), named, router=None)
+    ids, mask = batch(15)
+    assert_close(logits(merged, ids, mask), logits(mm, ids, mask, expert_weights=torch.full((3,), 1 / 3)), atol=1e-4)

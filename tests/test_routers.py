@@ -104,11 +104,13 @@ def test_mole_masking_renormalises(adapters):
     assert_close(mm.route(input_ids=ids), full, atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe", ["moa", "mole", "modula"])
-def test_generate_with_cache_equals_without(adapters, recipe):
+@pytest.mark.parametrize(
+    "recipe, kwargs", [("moa", {}), ("mole", {}), ("modula", {}), ("modula", {"context": "prompt"})]
+)
+def test_generate_with_cache_equals_without(adapters, recipe, kwargs):
     """Routing decided on the prompt survives KV-cache decoding (and matches full recompute)."""
     torch.manual_seed(3)
-    mm = MixtureModel.from_adapters(tiny_llama(0), adapters, router=recipe, top_k=2)
+    mm = MixtureModel.from_adapters(tiny_llama(0), adapters, router=recipe, top_k=2, **kwargs)
     with torch.no_grad():
         for p in mm.router.parameters():
             p.normal_(0, 0.5)
@@ -179,3 +181,21 @@ def test_balance_loss_averages_over_blocks_then_logs():
     records = [RouteRecord(p, p, None, f"block.{i}") for i, p in enumerate((p1, p2))]
     q = (p1.mean(0) + p2.mean(0)) / 2
     assert_close(balance_loss(records), -torch.log(q).sum(), atol=1e-6)
+
+
+def test_prompt_context_is_the_mean_over_the_prompt_then_the_tokens_so_far():
+    """`router.context: prompt`: every prompt token reads the mean of the whole (unpadded) prompt;
+    each later token the mean of the prompt and the tokens after it up to itself."""
+    from loramix.routers import context_mean
+    from loramix.routing import CallState
+
+    x = torch.tensor([[[9.0], [1.0], [3.0], [5.0], [7.0]]])  # a pad, a prompt of 2, then 2 completion tokens
+    attention = torch.tensor([[0, 1, 1, 1, 1]])
+    prompt = torch.tensor([[0, 1, 1, 0, 0]])
+    got = context_mean(CallState(pool_mask=prompt, attention_mask=attention), "l", x)[0, :, 0]
+    assert torch.allclose(got[1:], torch.tensor([2.0, 2.0, 3.0, 4.0]))  # (1+3)/2, then (1+3+5)/3, (1+3+5+7)/4
+    # decoding: the prompt's forward, then one cached token at a time, gives the same
+    call = CallState(pool_mask=attention[:, :3], attention_mask=attention[:, :3], freeze=True)
+    first = context_mean(call, "l", x[:, :3])[0, :, 0]
+    steps = [context_mean(call, "l", x[:, i : i + 1])[0, 0, 0] for i in (3, 4)]
+    assert torch.allclose(first[1:], torch.tensor([2.0, 2.0])) and torch.allclose(torch.stack(steps), got[3:])

@@ -61,6 +61,23 @@ def test_good_requests_plan(dispatcher):
         ({"temperature": 3}, 400, "temperature", "less than or equal to 2"),
         ({"stop": [1]}, 400, "stop", "valid string"),
         ({"model": None}, 400, "model", "valid string"),
+        # failed inside a batch (500 for every request in it) before the ingress refused them
+        ({"seed": 2**63}, 400, "seed", "less than or equal to"),
+        ({"seed": -1}, 400, "seed", "greater than or equal to 0"),
+        ({"temperature": 1e-30}, 400, "temperature", "0 \\(greedy\\) or at least 0.001"),
+        ({"stop": ""}, 400, "stop", "must not be empty"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4 strings"),
+        ({"stop": "x" * 200}, 400, "stop", "at most 128 characters"),
+        ({"prompt": "bad \ud800 text"}, 400, "prompt", "lone surrogate"),
+        ({"model": "loramix\ud800"}, 400, "model", "lone surrogate"),
+        # OpenAI parameters this server does not implement: refused unless off
+        ({"logprobs": 2}, 400, "logprobs", "not supported"),
+        ({"echo": True}, 400, "echo", "not supported"),
+        ({"best_of": 3}, 400, "best_of", "not supported"),
+        ({"response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+        ({"tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+        ({"frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
+        ({"bogus": 1}, 400, "bogus", "unrecognized request argument"),
     ],
 )
 def test_bad_requests(dispatcher, body, status, param, match):
@@ -185,3 +202,54 @@ def test_routed_fallback_reuses_a_sequence_routers_weights(sequence_router):
     router._route = [0.1, 0.8, 0.1]  # confident: the expert's own replicas, no weights sent
     result = asyncio.run(d.collect(p))
     assert result["deployment"] == "expert:sort" and experts["sort"].sent[0]["expert_weights"] is None
+
+
+def test_off_values_of_unsupported_parameters_and_bookkeeping_pass(dispatcher):
+    (p,) = plan(dispatcher, logprobs=None, echo=False, best_of=1, presence_penalty=0, frequency_penalty=0.0,
+                user="u-1", metadata={"k": "v"}, logit_bias={})  # fmt: skip
+    assert p.params.max_tokens == 16
+
+
+def test_expert_weights_whose_sum_overflows_still_normalise(dispatcher):
+    (p,) = plan(dispatcher, expert_weights={"reverse": 1e308, "sort": 1e308})
+    assert p.weights == [0.5, 0.5, 0.0]
+
+
+def test_request_limits_refuse_before_tokenising():
+    cfg = ServeConfig(max_prompts=3, max_request_tokens=40)
+    d = Dispatcher(cfg, EXPERTS, synthetic.build_tokenizer(), 64, None, None, {})
+    with pytest.raises(APIError, match=r"holds 250000 prompts; at most 3 \(`serve.max_prompts`\)") as err:
+        d.check_prompts(250_000)
+    assert err.value.status == 400
+    request = parse(CompletionRequest, {"model": "loramix", "prompt": ["abc", "abd", "abe"], "max_tokens": 16})
+    with pytest.raises(APIError, match="asks for 60 tokens .* at most 40 .`serve.max_request_tokens`."):
+        d.plan(request, [d.encode(p) for p in request.prompt], "prompt")
+
+
+def test_chat_template_refusal_is_a_400():
+    tok = synthetic.build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}"
+        "{% endif %}{{ m.content }}{% endfor %}"
+    )
+    d = Dispatcher(ServeConfig(), EXPERTS, tok, 64, None, None, {})
+    request = parse(ChatCompletionRequest, {"model": "loramix", "messages": [{"role": "system", "content": "x"}]})
+    with pytest.raises(APIError, match="chat template refused `messages`: no system") as err:
+        d.chat_prompt(request.messages)
+    assert (err.value.status, err.value.param) == (400, "messages")
+
+
+def test_blank_api_keys_are_errors_not_open_servers(monkeypatch):
+    from pipelines.serve import api_key_flag
+
+    with pytest.raises(ValueError, match="`serve.api_key` is empty or blank"):
+        ServeConfig(api_key="   ")
+    with pytest.raises(ConfigError, match="--api-key is empty or blank"):
+        api_key_flag("")
+    monkeypatch.setenv("LORAMIX_API_KEY", " ")
+    with pytest.raises(ConfigError, match="LORAMIX_API_KEY is empty or blank"):
+        api_key_flag(None)
+    monkeypatch.setenv("LORAMIX_API_KEY", "k3y")
+    assert api_key_flag(None) == "k3y" and api_key_flag("flag") == "flag"
+    monkeypatch.delenv("LORAMIX_API_KEY")
+    assert api_key_flag(None) is None

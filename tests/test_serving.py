@@ -119,8 +119,8 @@ def test_length_limit_and_per_request_lengths(moa):
 )
 def test_bad_requests_name_the_problem(moa, make, match):
     _, e = moa
-    with pytest.raises(ValueError, match=match):
-        e.complete([make(e)])
+    (c,) = e.complete([make(e)])
+    assert c.finish_reason == "error" and c.token_ids == [] and match in c.error
 
 
 @pytest.mark.parametrize(
@@ -169,3 +169,22 @@ def test_bf16_fused_engine_holds_experts_in_bf16_with_the_same_tokens(tmp_path):
     assert [c.token_ids for c in engine.complete(requests)] == [c.token_ids for c in uncast.complete(requests)]
     assert all(not layer._casts for layer in layers), "no cached casts: the experts are already bf16"
     assert any(layer._casts for layer in uncast.mixture.layers.values())
+
+
+def test_one_bad_request_does_not_fail_its_batch(moa):
+    """A request the engine cannot decode (wrong weights, an unbuildable request) finishes alone
+    with `error`; the rest of its batch decodes as if it were not there."""
+    _, eng = moa
+    bad_weights = GenerationRequest(eng.encode("sort ab="), SamplingParams(max_tokens=4), [1.0])  # 1 of 3 experts
+    good = [greedy(eng, "reverse hello=", 6), greedy(eng, "shift xyz=", 6)]
+    out = eng.complete([good[0], bad_weights, ValueError("bad request payload: seed"), good[1]])
+    assert [c.finish_reason for c in out][1:3] == ["error", "error"]
+    assert "expert_weights" in out[1].error and "seed" in out[2].error
+    for c, text in zip((out[0], out[3]), ("reverse hello=", "shift xyz=")):
+        assert c.error is None and c.token_ids == reference(eng, text, 6)
+
+
+def test_sampling_at_a_temperature_that_overflows_falls_back_to_greedy(moa):
+    _, eng = moa
+    hot = GenerationRequest(eng.encode("reverse hello="), SamplingParams(max_tokens=6, temperature=1e-30, seed=1))
+    assert eng.complete([hot])[0].token_ids == reference(eng, "reverse hello=", 6)

@@ -99,7 +99,7 @@ def test_early_stopping_on_ray_keeps_the_best_weights(world):
     assert summary.stopped == "early" and summary.steps < 60
     val = {int(s): v for s, v in summary.val_losses}
     best = summary.best_step
-    assert all(v >= val[best] * 0.99 for s, v in val.items() if s > best)  # nothing later improved by 1%
+    assert all(v >= val[best] - max(0.01 * val[best], 1e-3) for s, v in val.items() if s > best)  # none improved
     # the adapter written is the best step's: its validation loss is the one recorded there
     spec = fit.spec
     model = PeftModel.from_pretrained(stages.load_base(cfg, base), spec.out_dir).eval()
