@@ -7,6 +7,7 @@ that doubles as the reference documentation (``loramix config-help`` prints it).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -181,6 +182,8 @@ class TrainConfig(Section):
     """Worker failures Ray Train retries before giving up on a stage."""
     storage_path: str | None = None
     """Ray Train checkpoint storage: a shared path or `s3://`/`gs://` URI (default `OUTPUT/ray_storage`)."""
+    stall_timeout_s: float = Field(60.0, gt=0)
+    """On a local Ray instance, stop with a message when nothing progressed this long while work waits for resources."""
 
 
 class ResourcesConfig(Section):
@@ -313,6 +316,43 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> LoramixConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top, got {type(data).__name__}.")
     return build_config(data, overrides, source=str(path))
+
+
+def data_paths(cfg: LoramixConfig) -> dict[str, str]:
+    """Every data path of a config, by the dotted key a user would write."""
+    paths = {}
+    for i, d in enumerate(cfg.data.domains):
+        paths[f"data.domains.{i}.train"] = d.train
+        if d.eval:
+            paths[f"data.domains.{i}.eval"] = d.eval
+    for key, value in (("data.general", cfg.data.general), ("universal.train", cfg.universal.train)):
+        if value:
+            paths[key] = value
+    return paths
+
+
+def with_paths(cfg: LoramixConfig, paths: dict[str, str]) -> LoramixConfig:
+    """``cfg`` with the data paths ``{dotted key: path}`` replaced."""
+    return build_config(cfg.model_dump(mode="json"), [f"{k}={json.dumps(v)}" for k, v in paths.items()])
+
+
+def absolute_paths(cfg: LoramixConfig, root: str | Path | None = None) -> LoramixConfig:
+    """Relative data, base and storage paths made absolute against ``root`` (default: the current
+    directory): Ray tasks and Tune trials run in other directories, so they must not resolve them."""
+    root = Path(root or Path.cwd())
+    paths = {k: str((root / v).resolve()) for k, v in data_paths(cfg).items() if not Path(v).is_absolute()}
+    cfg = with_paths(cfg, paths) if paths else cfg
+    updates = {}
+    for key in ("base", "tokenizer"):
+        value = getattr(cfg.model, key)
+        if value and value != "synthetic" and not Path(value).is_absolute() and (root / value).exists():
+            updates[key] = str((root / value).resolve())  # a local folder (a hub id stays as it is)
+    if updates:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=updates)})
+    storage = cfg.train.storage_path
+    if storage and "://" not in storage and not Path(storage).is_absolute():
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"storage_path": str(root / storage)})})
+    return cfg
 
 
 def dump_config(cfg: LoramixConfig) -> str:

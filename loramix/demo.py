@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from loramix import plan, synthetic
-from loramix.config import LoramixConfig
+from loramix.config import LoramixConfig, absolute_paths
 from loramix.lock import output_lock
 from loramix.report import finish_run
 
@@ -42,6 +42,7 @@ def run_demo(cfg: LoramixConfig, out: str | Path, progress: plan.Progress = plan
     out = Path(out).resolve()
     cfg = cfg.model_copy(update={"output": str(out)})
     ensure_demo_data(cfg)
+    cfg = absolute_paths(cfg)
     with output_lock(out):
         t0 = time.perf_counter()
         results, cached = plan.run_local(cfg, progress)

@@ -13,15 +13,22 @@ from pathlib import Path
 
 from loramix.artifact import read_json, write_json
 from loramix.config import ConfigError, DomainConfig, load_config
+from loramix.lock import output_lock
 from loramix.report import format_report
 
 logger = logging.getLogger(__name__)
 
 
 def add_domain(output: str | Path, name: str, train: str, eval_path: str | None, address: str | None = None) -> dict:
+    """Train ``name`` into the run at ``output`` (all or nothing: a failure leaves the run as it was)."""
+    out = Path(output)
+    with output_lock(out):
+        return _add_domain(out, name, train, eval_path, address)
+
+
+def _add_domain(out: Path, name: str, train: str, eval_path: str | None, address: str | None) -> dict:
     from pipelines.run import run_pipeline
 
-    out = Path(output)
     if not (out / "config.yaml").is_file() or not (out / "report.json").is_file():
         raise ConfigError(f"{str(out)!r} holds no finished run (config.yaml + report.json); run `loramix run` first.")
     cfg = load_config(out / "config.yaml")
@@ -32,7 +39,7 @@ def add_domain(output: str | Path, name: str, train: str, eval_path: str | None,
         name=name, train=str(Path(train).resolve()), eval=eval_path and str(Path(eval_path).resolve())
     )
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": [*cfg.data.domains, domain]})})
-    report = run_pipeline(cfg, out, address)
+    report = run_pipeline(cfg, out, address, note=f"add-domain {name}")
     old = before["methods"]["mixture"]["per_domain"]
     new = report["methods"]["mixture"]["per_domain"]
     new_steps = report["training"][f"expert/{name}"]["steps"]

@@ -17,6 +17,7 @@ import logging
 import sys
 
 from loramix.config import ConfigError, config_help, load_config
+from loramix.lock import LockedError
 
 logger = logging.getLogger("loramix")
 
@@ -115,22 +116,45 @@ def _demo_data(args) -> int:
 
 
 def _serve(args) -> int:
+    from loramix.versions import resolve
     from pipelines import serve
 
-    cfg = serve.settings(
-        args.artifact, args.overrides, topology=args.topology, host=args.host, port=args.port,
-        api_key=serve.api_key_flag(args.api_key),
-    )  # fmt: skip
-    serve.serve_forever(args.artifact, cfg, args.address, detach=args.detach)
+    artifact = str(resolve(args.artifact, args.version))
+    key = serve.api_key_flag(args.api_key)
+    flags = dict(topology=args.topology, host=args.host, port=args.port, api_key=key)
+    cfg = serve.settings(artifact, args.overrides, **flags)
+    serve.serve_forever(artifact, cfg, args.address, detach=args.detach)
     return 0
 
 
 def _serve_config(args) -> int:
+    from loramix.versions import resolve
     from pipelines import serve
 
-    cfg = serve.settings(args.artifact, args.overrides, topology=args.topology)
-    text = serve.write_serve_config(args.artifact, cfg, args.output)
+    artifact = str(resolve(args.artifact, args.version))
+    cfg = serve.settings(artifact, args.overrides, topology=args.topology)
+    text = serve.write_serve_config(artifact, cfg, args.output)
     print(f"wrote {args.output}" if args.output else text, end="\n" if args.output else "")
+    return 0
+
+
+def _versions(args) -> int:
+    from loramix.versions import listing
+
+    rows = listing(args.output)
+    if not rows:
+        raise ConfigError(f"{args.output!r} has no artifact versions; `loramix run` publishes them.")
+    print("version  created              experts                          avg EM  router  changes")
+    for r in rows:
+        em = "-" if r["exact_match"] is None else f"{r['exact_match']:.3f}"
+        acc = "-" if r["router_accuracy"] is None else f"{r['router_accuracy']:.3f}"
+        c = r["changes"]
+        marks = [f"+{n}" for n in c.get("experts_added", [])] + [f"-{n}" for n in c.get("experts_removed", [])]
+        marks += [f"~{n}" for n in c.get("experts_replaced", [])] + (["router"] if c.get("router_retrained") else [])
+        what = ", ".join(marks)
+        mark = "*" if r["current"] else " "
+        experts = ",".join(r["experts"])
+        print(f"{mark}v{r['version']:<6} {r['created'] or '-':<20} {experts[:32]:<32} {em:>6}  {acc:>6}  {what}")
     return 0
 
 
@@ -187,8 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="also training (ZeRO, concurrency) and serving on local Ray")
     p.add_argument("--output", default="out/bench")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("versions", help="list a run's artifact versions (* marks the one OUTPUT/artifact names)")
+    p.add_argument("output", help="the run's output directory")
+    p.set_defaults(func=_versions)
     p = sub.add_parser("serve", help="serve an artifact on Ray Serve (OpenAI-compatible HTTP)")
-    p.add_argument("artifact", help="the mixture folder `loramix run` wrote (OUTPUT/artifact)")
+    p.add_argument("artifact", help="a run folder (its current version), OUTPUT/artifact or OUTPUT/artifacts/vN")
+    p.add_argument("--version", type=int, help="serve this version of the run (default: the current one)")
     p.add_argument("--topology", choices=["fused", "routed"], help="default: the artifact's serve.json, else fused")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
@@ -202,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="serve settings, e.g. experts.num_gpus=1 route_threshold=0.9")
     p.set_defaults(func=_serve)
     p = sub.add_parser("serve-config", help="write a Serve config YAML (`serve deploy`) for an artifact")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help="a run folder, OUTPUT/artifact or OUTPUT/artifacts/vN")
+    p.add_argument("--version", type=int, help="that version of the run (default: the current one)")
     p.add_argument("--topology", choices=["fused", "routed"])
     p.add_argument("--output", help="file to write (default: print)")
     p.add_argument("overrides", nargs="*", help="serve settings, e.g. experts.autoscaling.min_replicas=0")
@@ -225,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, LockedError) as err:
         print(f"loramix: error: {err}", file=sys.stderr)
         return 2
 

@@ -21,8 +21,30 @@ def bar_report(desc: str, total: int):
     return report
 
 
-def wait_with_bars(refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5) -> dict:
+class Unschedulable(RuntimeError):
+    """Work waits for resources this cluster does not have, and nothing will add them."""
+
+
+def waiting_for_resources() -> list[str]:
+    """Resource requests Ray cannot place right now: pending placement groups (trainer worker
+    groups), tasks and actors, each as ``name {resources}``."""
+    from ray.util.state import list_actors, list_placement_groups, list_tasks
+
+    groups = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True)
+    waiting = [f"placement group {pg.name or pg.placement_group_id[:8]} {pg.bundles}" for pg in groups]
+    waiting += [f"task {t.name}" for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")])]
+    waiting += [f"actor {a.class_name}" for a in list_actors(filters=[("state", "=", "PENDING_CREATION")])]
+    return waiting
+
+
+def wait_with_bars(
+    refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5, stall_timeout_s: float | None = None
+) -> dict:
     """Wait for named Ray futures while drawing one bar per job posted to the ProgressActor.
+
+    Args:
+        stall_timeout_s: on a cluster nothing grows (a local instance), raise :class:`Unschedulable`
+            when nothing progressed for this long while requests wait for resources.
 
     Returns:
         name -> result. The first failing future raises (with the job's name in the message).
@@ -30,6 +52,7 @@ def wait_with_bars(refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5
     bars: dict[str, tqdm] = {}
     pending = dict(refs)
     results = {}
+    last_change, last_seen = time.monotonic(), None
     while pending:
         ready, _ = ray.wait(list(pending.values()), num_returns=len(pending), timeout=poll_s)
         for name, ref in list(pending.items()):
@@ -45,6 +68,21 @@ def wait_with_bars(refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5
                     raise RuntimeError(f"stage `{name}` failed: {err}") from err
                 del pending[name]
         snap = ray.get(progress.snapshot.remote())
+        seen = (len(pending), snap["jobs"])
+        if seen != last_seen:
+            last_seen, last_change = seen, time.monotonic()
+        elif stall_timeout_s is not None and time.monotonic() - last_change > stall_timeout_s:
+            waiting = waiting_for_resources()
+            if waiting:
+                for bar in bars.values():
+                    bar.close()
+                raise Unschedulable(
+                    f"nothing progressed for {stall_timeout_s:.0f} s and these wait for resources this cluster "
+                    f"({ray.cluster_resources()}) cannot give them: {'; '.join(waiting[:5])}. Lower "
+                    "`resources.cpus_per_worker` / `resources.num_workers`, set `resources.use_gpu: false` on "
+                    "a cluster without GPUs, or run on a bigger cluster."
+                )
+            last_change = time.monotonic()
         for job, (step, total, loss) in snap["jobs"].items():
             if job not in pending:
                 continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ import ray
 from actors.progress import ProgressActor
 from actors.stage_tasks import launch
 from loramix import plan
-from loramix.config import LoramixConfig
+from loramix.artifact import atomic_dir, file_digest
+from loramix.config import ConfigError, LoramixConfig, absolute_paths, data_paths, with_paths
 from loramix.demo import ensure_demo_data
 from loramix.lock import output_lock
 from loramix.report import finish_run
@@ -45,6 +47,46 @@ def connect(address: str | None = None) -> bool:
     # No runtime_env here: inside `ray job submit` it would clash with the job's own.
     ray.init(address=address, log_to_driver=False)
     return address is None
+
+
+def check_fits(cfg: LoramixConfig, cluster: dict) -> None:
+    """On a cluster nothing will grow, one trainer worker and one stage task must fit, else the run
+    would wait forever: say so now, naming the setting."""
+    r = cfg.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if r.use_gpu and gpus < 1:
+        raise ConfigError("`resources.use_gpu` is true but this cluster has no GPU. Set `resources.use_gpu=false`.")
+    if r.num_workers * r.cpus_per_worker > cpus:
+        raise ConfigError(
+            f"one LoRA trainer needs {r.num_workers} workers x {r.cpus_per_worker:g} CPUs "
+            f"(`resources.num_workers` x `resources.cpus_per_worker`) but this cluster has {cpus:g} CPUs. Lower them."
+        )
+    if r.use_gpu and r.num_workers > gpus:
+        raise ConfigError(
+            f"one LoRA trainer needs {r.num_workers} GPU workers (`resources.num_workers`) but this cluster has "
+            f"{gpus:g} GPUs. Lower `resources.num_workers`."
+        )
+
+
+def stage_data(cfg: LoramixConfig, out: Path) -> LoramixConfig:
+    """Make every data path mean the same thing on every node.
+
+    A relative path points into the directory the command started in: in a Ray job that is the
+    job's working directory, which exists on the driver's node only. Those files are copied into
+    ``OUTPUT/inputs/<digest>/`` (``--output`` is storage every node sees) and the config points
+    there; absolute paths are used as they are, so large data should sit on shared storage.
+    """
+    copies = {}
+    for key, value in data_paths(cfg).items():
+        src = Path(value)
+        if src.is_absolute():
+            continue
+        dst = out / "inputs" / file_digest(src) / src.name
+        if not dst.exists():
+            with atomic_dir(dst.parent) as tmp:
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp / src.name)
+        copies[key] = str(dst)
+    return absolute_paths(with_paths(cfg, copies) if copies else cfg)
 
 
 def submit(cfg: LoramixConfig, progress) -> tuple[dict, list[str]]:
@@ -71,17 +113,19 @@ def run_pipeline(
     out = Path(output or cfg.output).resolve()
     cfg = cfg.model_copy(update={"output": str(out)})
     ensure_demo_data(cfg)
-    for d in cfg.data.domains:  # fail before starting Ray, naming the domain
-        for split in ("train", "eval"):
-            path = getattr(d, split)
-            if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"domain {d.name!r}: {split} data {path!r} does not exist.")
+    for key, path in data_paths(cfg).items():  # fail before starting Ray, naming the setting
+        if not Path(path).exists():
+            raise FileNotFoundError(f"`{key}`: {path!r} does not exist (relative to {str(Path.cwd())!r}).")
     with output_lock(out):
-        connect(address)
+        cfg = stage_data(cfg, out)
+        local = connect(address)
+        if local:
+            check_fits(cfg, ray.cluster_resources())
         t0 = time.perf_counter()
         progress = ProgressActor.remote()
         nodes, cached = submit(cfg, progress)
-        results = wait_with_bars({k: v for k, v in nodes.items() if isinstance(v, ray.ObjectRef)}, progress)
+        refs = {k: v for k, v in nodes.items() if isinstance(v, ray.ObjectRef)}
+        results = wait_with_bars(refs, progress, stall_timeout_s=cfg.train.stall_timeout_s if local else None)
         results |= {k: v for k, v in nodes.items() if not isinstance(v, ray.ObjectRef)}
         timings = {
             k: 0.0 if k in cached else (getattr(v, "wall_seconds", None) or getattr(v, "seconds", 0.0))

@@ -34,8 +34,9 @@ from actors.stage_tasks import launch
 from loramix import plan
 from loramix.config import ConfigError, LoramixConfig, apply_values, build_config, dump_config
 from loramix.demo import ensure_demo_data
+from loramix.lock import output_lock
 from loramix.tuning import METRIC, router_trial
-from pipelines.run import connect
+from pipelines.run import connect, stage_data
 
 logger = logging.getLogger(__name__)
 
@@ -149,25 +150,23 @@ def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str 
     shared = out / "tune" / "shared"
     # Stages (base, experts) write under the shared folder; trials never copy weights around.
     cfg = cfg.model_copy(update={"output": str(shared)})
-    if connect(address):
-        check_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
-    t0 = time.perf_counter()
-    progress = ProgressActor.remote()
-    base = _prepare(cfg, progress)
-    cache = ExpertCacheActor.remote(str(shared))
-    trainable = tune.with_resources(
-        partial(trial, cfg_dict=cfg.model_dump(mode="json"), base=base, cache=cache),
-        {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
-    )
-    grid = _tuner(cfg, space, trainable, out / "tune" / "ray").fit()
-    launched = ray.get(cache.stats.remote())["launched"]
-    return write_results(
-        grid,
-        cfg.model_copy(update={"output": str(out / "best")}),
-        out / "tune",
-        launched,
-        seconds=time.perf_counter() - t0,
-    )
+    with output_lock(out):
+        # Trials run in their own directories (and maybe on other nodes): absolute, shared data paths.
+        cfg = stage_data(cfg, shared)
+        if connect(address):
+            check_fits(cfg, ray.cluster_resources().get("CPU", 0.0))
+        t0 = time.perf_counter()
+        progress = ProgressActor.remote()
+        base = _prepare(cfg, progress)
+        cache = ExpertCacheActor.remote(str(shared))
+        trainable = tune.with_resources(
+            partial(trial, cfg_dict=cfg.model_dump(mode="json"), base=base, cache=cache),
+            {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial},
+        )
+        grid = _tuner(cfg, space, trainable, out / "tune" / "ray").fit()
+        launched = ray.get(cache.stats.remote())["launched"]
+        best_cfg = cfg.model_copy(update={"output": str(out / "best")})
+        return write_results(grid, best_cfg, out / "tune", launched, seconds=time.perf_counter() - t0)
 
 
 def best_config(cfg: LoramixConfig, params: dict) -> str:

@@ -19,6 +19,7 @@ from loramix.checkpoint import read_manifest
 from loramix.config import ConfigError, format_errors
 from loramix.names import safe_key
 from loramix.serve_config import SERVE_JSON, DeploymentConfig, ServeConfig
+from loramix.versions import resolve
 
 
 def load_serve_config(artifact: str | Path, overrides: dict | None = None) -> ServeConfig:
@@ -94,8 +95,9 @@ def build_app(args: dict):
     from serve_app.ingress import IngressDeployment
 
     if "artifact" not in args:
-        raise ConfigError("build_app needs `artifact`: the mixture folder `loramix run` wrote (OUTPUT/artifact).")
-    artifact = str(Path(args["artifact"]).resolve())
+        raise ConfigError("build_app needs `artifact`: a run folder, OUTPUT/artifact or OUTPUT/artifacts/vN.")
+    # The concrete version folder: every replica loads that version, whatever the pointer says later.
+    artifact = str(resolve(args["artifact"], args.get("version")))
     manifest = read_manifest(artifact)
     cfg = load_serve_config(artifact, args.get("serve"))
     if cfg.topology == "routed" and manifest.get("router") is None:

@@ -4,6 +4,7 @@ a stopped job resubmitted resumes instead of starting over."""
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,14 +31,22 @@ def two_nodes():
     cluster.shutdown()
 
 
-def submit(url: str, config_path, output, tag: str):
+ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ("model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
+        "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=4 expert.batch_size=8 "
+        "router.steps=4 router.batch_size=8 data.eval_limit=4")  # fmt: skip
+
+
+def submit(url: str, config_path, output, tag: str, *, working_dir=None, extra: str = ""):
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(url)
+    runtime_env = {"env_vars": ENV} | ({"working_dir": str(working_dir)} if working_dir else {})
     job = client.submit_job(
-        entrypoint=f"{sys.executable} -m pipelines.cli run {config_path} --output {output}",
+        entrypoint=f"{sys.executable} -m pipelines.cli run {config_path} --output {output} {extra}",
         submission_id=f"loramix-{tag}-{time.time_ns()}",
-        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+        runtime_env=runtime_env,
     )
     return client, job
 
@@ -108,3 +117,18 @@ def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
     for run in partial:  # e.g. expert-reverse-<hash> -> stages/expert__reverse.json
         marker = read_json(out / "stages" / (run.rsplit("-", 1)[0].replace("-", "__", 1) + ".json"))["result"]
         assert marker["resumed_from"] >= 4, (run, marker)
+
+
+def test_readme_cluster_command_with_relative_paths(two_nodes, tmp_path):
+    """`ray job submit --working-dir . -- loramix run configs/quickstart.yaml --output DIR`, as the
+    README shows it: the config's relative demo paths are written in the job's working directory
+    (which only the driver's node has) and must still reach every task."""
+    cluster, url = two_nodes
+    out = tmp_path / "out"
+    client, job = submit(url, "configs/quickstart.yaml", out, "readme", working_dir=ROOT, extra=TINY)
+    status = wait(client, job)
+    assert str(status) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    report = read_json(out / "report.json")
+    assert set(report["methods"]["mixture"]["per_domain"]) == {"reverse", "rotate", "shift", "swap"}
+    used = yaml.safe_load((out / "config.yaml").read_text())["data"]["domains"][0]["train"]
+    assert used.startswith(str(out / "inputs")) and Path(used).is_file()  # shipped to storage every node sees

@@ -1,6 +1,7 @@
 """`loramix run` / `add-domain` end to end on a real local Ray instance (one per module)."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -136,3 +137,96 @@ def test_modula_with_universal_lora_and_mole_recipes(first_run, tmp_path):
     assert "expert/reverse" not in report["cached_stages"] and "universal" in report["cached_stages"]
     mm = MixtureModel.from_pretrained(out / "artifact")
     assert mm.variant == "res" and mm.universal is not None and mm.null_experts == ["universal"]
+
+
+def test_unschedulable_settings_fail_at_once(first_run, tmp_path):
+    """A trainer bigger than the local cluster, or GPUs it does not have: an error naming the
+    setting before anything waits (these used to sit idle forever)."""
+    from loramix.config import ConfigError
+    from pipelines.run import run_pipeline
+
+    cfg, root, _, _ = first_run
+    t0 = time.monotonic()
+    big = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"cpus_per_worker": 4})})
+    with pytest.raises(ConfigError, match=r"`resources.num_workers` x `resources.cpus_per_worker`\) but this cluster"):
+        run_pipeline(big, tmp_path / "big")
+    gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"use_gpu": True})})
+    with pytest.raises(ConfigError, match="no GPU. Set `resources.use_gpu=false`"):
+        run_pipeline(gpu, tmp_path / "gpu")
+    assert time.monotonic() - t0 < 30
+
+
+def test_work_that_can_never_be_scheduled_stops_with_a_message(first_run, tmp_path):
+    """Resources taken by something else: no stage can start; the run stops after
+    `train.stall_timeout_s` naming what waits, instead of hanging."""
+    import ray
+
+    from pipelines.progress import Unschedulable
+    from pipelines.run import run_pipeline
+
+    cfg, root, _, _ = first_run
+
+    @ray.remote(num_cpus=2)
+    class Hog:
+        def ping(self):
+            return 1
+
+    hog = Hog.remote()
+    ray.get(hog.ping.remote())
+    try:
+        stalled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stall_timeout_s": 5})})
+        t0 = time.monotonic()
+        with pytest.raises(Unschedulable, match=r"nothing progressed for 5 s .* wait for resources .*run_stage"):
+            run_pipeline(stalled, tmp_path / "stalled")
+        assert time.monotonic() - t0 < 60
+    finally:
+        ray.kill(hog)
+
+
+def test_a_second_writer_on_the_same_output_fails_at_once(first_run, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from loramix.lock import LOCK, LockedError
+    from pipelines.run import run_pipeline
+
+    cfg, root, _, _ = first_run
+    out = tmp_path / "locked"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "loramix run"}))
+        with pytest.raises(LockedError, match=f"in use by pid {other.pid}"):
+            run_pipeline(cfg, out)
+    finally:
+        other.kill()
+        other.wait()
+    assert os.listdir(out) == [LOCK]  # nothing was started
+
+
+def test_failed_add_domain_leaves_the_run_as_it_was_and_can_be_retried(first_run, tmp_path):
+    """A new domain whose eval rows are bad fails the add-domain after its expert trained: the
+    previous config, report and artifact version stay, and fixing the file and retrying works."""
+    import shutil
+
+    from loramix.synthetic import make_rows, write_jsonl
+    from loramix.versions import current
+    from pipelines.add_domain import add_domain
+
+    cfg, root, _, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out, symlinks=True, ignore=shutil.ignore_patterns("ray_storage", ".loramix.lock"))
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "report.json")}
+    version = current(out)
+    train = write_jsonl(make_rows("sort", 64, seed=0), tmp_path / "sort.train.jsonl")
+    evals = tmp_path / "sort.eval.jsonl"
+    evals.write_text('{"prompt": "sort abc=", "completion": 5}\n')  # not a string: a data error
+    with pytest.raises(RuntimeError, match="must be a string"):
+        add_domain(out, "sort", str(train), str(evals))
+    assert {name: (out / name).read_bytes() for name in before} == before and current(out) == version
+    write_jsonl(make_rows("sort", 8, seed=1), evals)
+    report = add_domain(out, "sort", str(train), str(evals))  # not "already exists"
+    assert report["domains"][-1] == "sort" and current(out) == version + 1
+    assert "expert/sort" in report["cached_stages"]  # the retry reused the expert the failed attempt trained

@@ -2,6 +2,7 @@
 experts, a stop (SIGINT) and resume that keeps finished trials, and a best.yaml that runs."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def finished_trials(out: Path, rungs: int) -> dict[str, int]:
     return done
 
 
-def test_search_shares_experts_resumes_and_best_runs(ray_local, tmp_path):
+def test_search_shares_experts_resumes_and_best_runs(ray_local, tmp_path, monkeypatch):
     import ray
 
     from loramix.demo import run_demo
@@ -50,11 +51,13 @@ def test_search_shares_experts_resumes_and_best_runs(ray_local, tmp_path):
         },
     )
     config = tmp_path / "tune.yaml"
-    config.write_text(dump_config(cfg))
+    # Relative data paths, as configs/quickstart.yaml has them: trials run in their own folders.
+    config.write_text(dump_config(cfg).replace(str(tmp_path / "data"), "data"))
     address = ray.get_runtime_context().gcs_address
     # 1. Start the search as a separate driver and stop it (Ctrl-C) once the first trial finished.
     cmd = [sys.executable, "-m", "pipelines.cli", "tune", str(config), "--output", str(out), "--address", address]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 400
     while not finished_trials(out, 2) and time.time() < deadline and proc.poll() is None:
         time.sleep(1)
@@ -64,6 +67,7 @@ def test_search_shares_experts_resumes_and_best_runs(ray_local, tmp_path):
     log = proc.communicate(timeout=120)[0]
     assert len(finished_trials(out, 2)) < 4, "the stop came too late to test resuming:\n" + log[-2000:]
     # 2. The same search again resumes: finished trials keep their reports, the rest complete.
+    monkeypatch.chdir(tmp_path)
     result = run_tune(load_config(config), out)
     trials = result["trials"]
     assert len(trials) == 4 and all(t["status"] in ("completed", "early_stopped") for t in trials)
