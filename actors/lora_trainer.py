@@ -82,6 +82,11 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         adapter = ckpt / "adapter"
         with atomic_dir(spec.out_dir) as tmp:
             for f in adapter.iterdir():
+                if f.is_symlink() or not f.is_file():  # a checkpoint may not point outside `train.storage_path`
+                    raise RuntimeError(
+                        f"checkpoint {str(adapter)!r}: {f.name!r} is not a plain file; refusing it. Point "
+                        "`train.storage_path` only at storage you trust (it also holds pickled optimizer state)."
+                    )
                 shutil.copy2(f, tmp / f.name)
     nodes = ray.get(progress.snapshot.remote())["nodes"].get(spec.job, {}) if progress is not None else {}
     return stages.lora_result(

@@ -12,17 +12,23 @@ import json
 import logging
 import os
 import resource
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramix import loops
 from loramix.config import ExpertConfig
 from loramix.data import pad_left
+from loramix.trainees import build_trainee, save_trainee, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +124,7 @@ def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
     GPUs (NCCL) and on CPUs (``DS_ACCELERATOR=cpu``, gloo) without compiling optimizer ops.
     Expects ``torch.distributed`` to be initialised (Ray Train does it; DeepSpeed joins that group).
     """
-    import deepspeed
+    import deepspeed  # on the worker, after DS_ACCELERATOR is set
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = loops.adamw(trainable, cfg)
@@ -135,7 +141,7 @@ def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
 def gathered_snapshot(engine, model):
     """``snapshot``/``restore`` of the trainable parameters that also work when ZeRO-3 shards them
     (every rank must call them: gathering is a collective)."""
-    import deepspeed
+    import deepspeed  # on the worker, after DS_ACCELERATOR is set
 
     params = [p for p in model.parameters() if p.requires_grad]
     zero3 = engine.zero_optimization_stage() == 3
@@ -155,7 +161,6 @@ def gathered_snapshot(engine, model):
 def validator(engine, val_batches: list[dict]):
     """The mean validation loss over every rank (each rank holds all validation rows; the mean keeps
     the ranks' early-stopping decisions identical)."""
-    import torch.distributed as dist
 
     def validate() -> float:
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
@@ -172,11 +177,6 @@ def validator(engine, val_batches: list[dict]):
 
 def train_lora_worker(config: dict) -> None:
     """``train_loop_per_worker`` for one LoRA (``config["worker"]``: a :class:`WorkerConfig`)."""
-    import ray.train
-    import ray.train.torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loramix.trainees import build_trainee, trainable_parameters
 
     w: WorkerConfig = config["worker"]
     cfg = w.optim
@@ -257,9 +257,6 @@ def train_lora_worker(config: dict) -> None:
 
 def _report_if_finished(checkpoint, rank: int) -> bool:
     """A relaunched run whose latest checkpoint is already the final adapter reports it again."""
-    import shutil
-
-    import ray.train
 
     with checkpoint.as_directory() as ckpt_dir:
         summary = Path(ckpt_dir) / "summary.json"
@@ -280,9 +277,7 @@ def write_adapter(engine, model, directory: str | Path, rank: int) -> Path | Non
 
     Every rank must call this: gathering a ZeRO-3 parameter is a collective.
     """
-    import deepspeed
-
-    from loramix.trainees import save_trainee
+    import deepspeed  # on the worker, after DS_ACCELERATOR is set
 
     params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
@@ -293,7 +288,6 @@ def write_adapter(engine, model, directory: str | Path, rank: int) -> Path | Non
 
 def save_adapter(engine, model, final: dict, rank: int) -> None:
     """Write the adapter (:func:`write_adapter`) and report it as the run's final checkpoint."""
-    import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         if write_adapter(engine, model, Path(tmp) / "adapter", rank) is None:

@@ -239,7 +239,7 @@ def run(output: str | Path, quick: bool = False, with_ray: bool = False, *, size
             "memory": memory(cfg, fresh, adapters),
         }
         if with_ray:
-            from benchmarks import ray_bench
+            from benchmarks import ray_bench  # lazy: each benchmark loads only its own stack
 
             result |= ray_bench.run(Path(tmp) / "ray", quick)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -248,10 +248,10 @@ def run(output: str | Path, quick: bool = False, with_ray: bool = False, *, size
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: each benchmark loads only its own stack
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: each benchmark loads only its own stack
 
     f, h = result["forward_overhead"], result["heterogeneous_generation"]
     labels = ["forward\nmixture/base", "generation\nvs set_adapter", "generation\nvs adapter_names"]

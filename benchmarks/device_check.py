@@ -44,8 +44,8 @@ def _peak_mib() -> float:
 
 
 def tiny_config(root: Path, recipe: str, **over):
-    from loramix.config import build_config
-    from loramix.synthetic import write_demo_data
+    from loramix.config import build_config  # lazy: each benchmark loads only its own stack
+    from loramix.synthetic import write_demo_data  # lazy: each benchmark loads only its own stack
 
     info = write_demo_data(root / "data", ["reverse", "rotate", "swap"], train_size=128, eval_size=16)
     data = {
@@ -60,7 +60,7 @@ def tiny_config(root: Path, recipe: str, **over):
 
 
 def pipeline(root: Path) -> dict:
-    from loramix.demo import run_demo
+    from loramix.demo import run_demo  # lazy: each benchmark loads only its own stack
 
     out = {}
     modula = {"universal.enabled": "true", "router.context": "prompt", "router.label_coef": 5}
@@ -86,12 +86,16 @@ def pipeline(root: Path) -> dict:
 
 
 def serving(root: Path) -> dict:
-    from loramix.model import MixtureModel
-    from loramix.serving import Engine, GenerationRequest, SamplingParams
+    from loramix.model import MixtureModel  # lazy: each benchmark loads only its own stack
+    from loramix.serving import (  # lazy: each benchmark loads only its own stack
+        Engine,
+        GenerationRequest,
+        SamplingParams,
+    )
 
     artifact = root / "moa" / "artifact"
     if not artifact.is_dir():
-        from loramix.synthetic import demo_artifact
+        from loramix.synthetic import demo_artifact  # lazy: each benchmark loads only its own stack
 
         artifact = demo_artifact(root / "serving-artifact")
     engine = Engine.from_artifact(artifact)
@@ -122,13 +126,18 @@ def serving(root: Path) -> dict:
 
 def deepspeed_zero(root: Path, steps: int = 30) -> dict:
     """The worker's engine (actors.lora_worker.make_engine) on one GPU over NCCL, ZeRO 0/2/3."""
-    import torch.distributed as dist
-    from safetensors.torch import load_file
+    import torch.distributed as dist  # lazy: each benchmark loads only its own stack
+    from safetensors.torch import load_file  # lazy: each benchmark loads only its own stack
 
-    from actors.lora_worker import DeepSpeedStepper, deepspeed_template, make_engine, write_adapter
-    from loramix import data, loops, synthetic
-    from loramix.config import ExpertConfig
-    from loramix.trainees import build_trainee
+    from actors.lora_worker import (  # lazy: each benchmark loads only its own stack
+        DeepSpeedStepper,
+        deepspeed_template,
+        make_engine,
+        write_adapter,
+    )
+    from loramix import data, loops, synthetic  # lazy: each benchmark loads only its own stack
+    from loramix.config import ExpertConfig  # lazy: each benchmark loads only its own stack
+    from loramix.trainees import build_trainee  # lazy: each benchmark loads only its own stack
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if CUDA:
@@ -177,7 +186,7 @@ BENCHES = {
 
 
 def bench(root: Path, names=tuple(BENCHES)) -> dict:
-    from benchmarks.bench import run, summary
+    from benchmarks.bench import run, summary  # lazy: each benchmark loads only its own stack
 
     out = {}
     for name in names:
@@ -191,11 +200,11 @@ def bench(root: Path, names=tuple(BENCHES)) -> dict:
 
 def profile(root: Path) -> dict:
     """Where the mixture's extra forward time goes: kernel counts and the top kernels, base vs mixture."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    from torch.profiler import ProfilerActivity  # lazy: each benchmark loads only its own stack
+    from torch.profiler import profile as torch_profile  # lazy: each benchmark loads only its own stack
 
-    from benchmarks.bench import BenchConfig, build
-    from loramix import MixtureModel
+    from benchmarks.bench import BenchConfig, build  # lazy: each benchmark loads only its own stack
+    from loramix import MixtureModel  # lazy: each benchmark loads only its own stack
 
     out = {}
     for size in ("default", "large"):
@@ -237,8 +246,8 @@ def main() -> int:
         parser.error("this check needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run runs it on CPU.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import peft
-    import transformers
+    import peft  # lazy: each benchmark loads only its own stack
+    import transformers  # lazy: each benchmark loads only its own stack
 
     results = {
         "env": {

@@ -40,7 +40,7 @@ def _config(root: Path, steps: int, zero_stage: int = 2, workers: int = 1):
 
 def _fit(cfg, base, name: str, tag: str):
     """One expert's stage of the plan, trained as `loramix run` trains it, into ``OUTPUT/<tag>``."""
-    from actors.stage_tasks import run_lora_stage
+    from actors.stage_tasks import run_lora_stage  # lazy: each benchmark loads only its own stack
 
     cfg = cfg.model_copy(update={"output": str(Path(cfg.output) / tag)})
     ctx = plan.Context.create(cfg)
@@ -82,7 +82,7 @@ def training(root: Path, steps: int) -> dict:
 
 
 def _load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict:
-    import openai
+    import openai  # lazy: each benchmark loads only its own stack
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
@@ -103,9 +103,9 @@ def _load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: i
 
 
 def serving(root: Path, levels=(1, 4, 16), requests: int = 64, max_tokens: int = 16) -> dict:
-    from ray import serve
+    from ray import serve  # lazy: each benchmark loads only its own stack
 
-    from pipelines.serve import deploy, settings
+    from pipelines.serve import deploy, settings  # lazy: each benchmark loads only its own stack
 
     art = str(synthetic.demo_artifact(root / "artifact", experts=tuple(TASKS)))
     light = [f"{d}.num_cpus=0" for d in ("ingress", "fused", "router", "experts")]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from loramix.config import load_config
 from loramix.synthetic import write_jsonl
+from pipelines.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("quickstart", "mole", "modula", "modula_res")
@@ -70,7 +71,6 @@ def summarize(report: dict, seconds: float) -> dict:
 
 
 def run(configs, world: str, output: Path, overrides=()) -> dict:
-    from pipelines.run import run_pipeline
 
     results = {}
     domains = write_heldout(output / "data") if world == "heldout" else None

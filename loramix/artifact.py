@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,7 +56,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def fingerprint(*parts: object) -> str:
     """Stable hash of JSON-able parts (pydantic models are dumped first)."""
-    import hashlib
 
     def plain(p):
         return p.model_dump(mode="json") if hasattr(p, "model_dump") else p
@@ -70,7 +70,6 @@ def file_digest(path: str | Path | None) -> str | None:
     Every file's relative name and its bytes enter length-prefixed, so two different file sets
     can never hash alike by shifting bytes between a name and a neighbour's contents.
     """
-    import hashlib
 
     if path is None:
         return None
@@ -94,7 +93,6 @@ def tree_stamp(path: str | Path) -> str:
     For inputs too large to hash on every run (a base model's weights): a folder rewritten in
     place gets a new stamp, a copy with the same bytes too (which only costs a rerun).
     """
-    import hashlib
 
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

@@ -13,9 +13,11 @@ import logging
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from loramix.artifact import atomic_dir, read_json, write_json
 from loramix.experts import Expert, ExpertBank
+from loramix.versions import verify
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +80,11 @@ def resolve_base(name_or_path: str, root: Path) -> str:
 
 def load_base(name_or_path: str, root: Path, **kwargs):
     """Load the base a manifest names; relative paths are resolved against the artifact."""
-    from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path, root), **kwargs)
 
 
 def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
-    from loramix.versions import verify
 
     path = Path(path)
     manifest = read_manifest(path)

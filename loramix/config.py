@@ -7,6 +7,7 @@ that doubles as the reference documentation (``loramix config-help`` prints it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -76,6 +77,9 @@ class DomainConfig(Section):
     """Training data: a `.jsonl`/`.json` file, a `.parquet` file or a `datasets.save_to_disk` folder."""
     eval: str | None = None
     """Held-out data in the same formats; required for the `eval` stage."""
+    adapter: str | None = None
+    """A PEFT LoRA trained elsewhere on the same base (`adapter_config.json` + safetensors): this
+    domain's expert as is, nothing trains; `train` rows then only teach the router."""
 
     @field_validator("name")
     @classmethod
@@ -198,6 +202,9 @@ class ResourcesConfig(Section):
 class LoramixConfig(Section):
     recipe: Recipe = "moa"
     """Mixture recipe: `moa` (sequence classifier), `mole` (gate per block), `modula` (token router)."""
+    baselines: bool = True
+    """Also train the multitask LoRA and score it and the PEFT merges (linear, ties, cat) beside the
+    mixture; `false`: only base, oracle and mixture (faster, and no under-training check)."""
     seed: int = 0
     """Seed for data shuffling and initialisation."""
     output: str = "out/run"
@@ -376,6 +383,5 @@ def config_help(model: type[BaseModel] = LoramixConfig, prefix: str = "") -> lis
 
 def config_hash(cfg: LoramixConfig) -> str:
     """A short stable hash of the resolved config (recorded in reports and stage markers)."""
-    import hashlib
 
     return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]

@@ -36,14 +36,14 @@ def load_rows(path: str | Path, prompt_field: str = "prompt", completion_field: 
     if path.is_dir():
         if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
             raise DataError(f"{str(path)!r} is a folder but not a `datasets.save_to_disk` dataset.")
-        import datasets
+        import datasets  # slow import, only for `datasets` inputs
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             raise DataError(f"{str(path)!r} holds splits {list(ds)}; point at one split's folder.")
         rows = ds.to_list()
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # only for parquet inputs
 
         rows = pq.read_table(path).to_pylist()
     elif path.suffix in (".jsonl", ".json"):

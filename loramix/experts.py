@@ -135,6 +135,12 @@ class Expert:
             state[f"{_PREFIX}{module}.lora_A.weight"] = self.lora_A[module].detach().contiguous().cpu()
             state[f"{_PREFIX}{module}.lora_B.weight"] = self.lora_B[module].detach().contiguous().cpu()
         self.config.save_pretrained(str(path))
+        # PEFT writes `target_modules` (a set) in hash order, which differs between processes:
+        # sorted, the same expert saves to the same bytes, so versions share unchanged experts.
+        config = json.loads((path / CONFIG_FILE).read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loramix.config import OptimConfig, RouterConfig
+from loramix.config import OptimConfig
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,6 @@ class Validation:
 
     def save(self, directory: Path) -> None:
         """Write the state a resumed run needs (history, best, the best weights) to ``directory``."""
-        from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
         state = {"history": self.history, "best": self.best, "bad": self._bad}
@@ -153,7 +153,6 @@ class Validation:
 
     def load(self, directory: Path) -> None:
         """Take back what :meth:`save` wrote (nothing if the checkpoint has no validation state)."""
-        from safetensors.torch import load_file
 
         if not (directory / "validation.json").is_file():
             return
@@ -279,38 +278,6 @@ def lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     return out.loss, {}
 
 
-def train_router(
-    cfg: RouterConfig,
-    mm,
-    batches: Iterable[dict],
-    *,
-    report: Report,
-    stepper: Stepper | None = None,
-    log_every: int = 10,
-) -> dict:
-    """Train only the router of a :class:`~loramix.model.MixtureModel` (base and experts frozen),
-    on what its recipe trains it with (:meth:`Router.loss`: labels for MoA, LM + balance otherwise;
-    ``cfg.balance_coef`` unset takes the recipe's weight, ``cfg.label_coef`` adds routing labels)."""
-    if mm.router is None:
-        raise ValueError("this mixture has no router to train; build it with router='moa'|'mole'|'modula'.")
-    frozen = [n for n, p in mm.named_parameters() if p.requires_grad and not n.startswith("router.")]
-    if frozen:
-        raise ValueError(f"only router parameters may train, but {frozen[:3]} require grad.")
-    n_train = sum(p.numel() for p in mm.router.parameters())
-    n_frozen = sum(p.numel() for p in mm.base_model.parameters())
-    logger.info("router %s: %s trainable / %s frozen parameters", mm.router.recipe, f"{n_train:,}", f"{n_frozen:,}")
-    stepper = stepper or TorchStepper(mm.router.parameters(), cfg)
-    from loramix.recipes import RECIPES
-
-    recipe = RECIPES.get(mm.router.recipe)
-    balance = cfg.balance_coef if cfg.balance_coef is not None else (recipe.balance_coef if recipe else 0.0)
-
-    def loss_fn(model, batch):
-        return model.router.loss(model, batch, balance, cfg.label_coef)
-
-    return run_steps(mm, batches, loss_fn, stepper, report=report, log_every=log_every, max_steps=cfg.steps)
-
-
 def train_expert(
     cfg,
     base_model: nn.Module,
@@ -333,7 +300,7 @@ def train_expert(
     Returns:
         ``(model, summary)``; :func:`loramix.trainees.save_trainee` writes the trained adapter.
     """
-    from loramix.trainees import build_trainee, trainable_parameters
+    from loramix.trainees import build_trainee, trainable_parameters  # trainees -> model -> loops would cycle
 
     model = build_trainee(base_model, cfg, trunk=trunk)
     n_train = trainable_parameters(model)

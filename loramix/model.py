@@ -11,6 +11,7 @@ Base and experts are frozen; only router parameters require grad.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -315,14 +316,14 @@ class MixtureModel(nn.Module):
             base_path: what ``from_pretrained(base_model=None)`` loads; defaults to the base's
                 ``name_or_path``. A relative path is resolved against ``path``.
         """
-        from loramix.checkpoint import save_mixture
+        from loramix.checkpoint import save_mixture  # checkpoint imports this module
 
         save_mixture(self, path, base_path=base_path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: nn.Module | None = None, **base_kwargs) -> MixtureModel:
         """Load a saved mixture; ``base_model=None`` loads the base named in the manifest."""
-        from loramix.checkpoint import load_mixture
+        from loramix.checkpoint import load_mixture  # checkpoint imports this module
 
         return load_mixture(cls, path, base_model, **base_kwargs)
 
@@ -331,7 +332,6 @@ class MixtureModel(nn.Module):
 
         Zero adapter overhead: what routed serving gives each expert's own deployment.
         """
-        import copy
 
         w = self.check_expert_weights(weights, 1)[0]
         model = copy.deepcopy(self.base_model)

@@ -25,131 +25,29 @@ retrains that expert and what depends on it, nothing else.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from loramix import recipes
-from loramix.artifact import StageStore, file_digest, fingerprint, tree_stamp
-from loramix.config import LoramixConfig
+from loramix import adapters, data, recipes, stages
+from loramix.artifact import file_digest, fingerprint, tree_stamp
+from loramix.config import LoramixConfig, data_paths
+from loramix.messages import (  # noqa: F401  (re-exported: the graph's public types)
+    BaseResult,
+    Context,
+    EvalResult,
+    LoraResult,
+    Progress,
+    Result,
+    RouterResult,
+    data_fields,
+    quiet,
+)
 
 logger = logging.getLogger(__name__)
 
+BASELINES = ("multitask_lora", "merge_linear", "merge_ties", "merge_cat")  # `baselines: false` skips these
 METHODS = ("base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "merge_cat", "mixture")
-Progress = Callable[[str, int], Callable]  # (job, total steps) -> report(metrics, ckpt)
-
-
-def quiet(job: str, total: int):
-    return lambda metrics, ckpt=None: None
-
-
-# ------------------------------------------------------------------------------------ typed results
-class Result:
-    """A stage's output; JSON in the stage marker, a dataclass everywhere else."""
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def outputs(self) -> list[str]:
-        """The files this result stands for (the marker checks they are unchanged)."""
-        path = getattr(self, "path", None)
-        return [path] if path else []
-
-    @classmethod
-    def from_json(cls, data: dict):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@dataclass(frozen=True)
-class BaseResult(Result):
-    base: str  # a directory or hub id that `from_pretrained` loads
-    tokenizer: str
-    seconds: float = 0.0
-    built: bool = False  # the demo base this run wrote (vouched for by its marker)
-
-    def outputs(self) -> list[str]:
-        return [self.base] if self.built else []
-
-
-@dataclass(frozen=True)
-class LoraResult(Result):
-    path: str  # the adapter directory (PEFT format)
-    steps: int  # steps actually run
-    max_steps: int
-    final_loss: float
-    seconds: float
-    losses: list[float]
-    trainable_params: int
-    data: str  # where its rows came from
-    stopped: str = "max_steps"  # or "early"
-    best_step: int | None = None
-    val_losses: list[list[float]] = field(default_factory=list)
-    still_improving: bool = False
-    zero_stage: int | None = None
-    num_workers: int = 1
-    node_ids: list[str] = field(default_factory=list)
-    wall_seconds: float | None = None
-    resumed_from: int = 0
-    loop_seconds_per_step: float | None = None  # the trainer's own loop time (`loramix bench --ray`)
-    peak_rss_mib: float | None = None
-    peak_gpu_mib: float | None = None
-
-
-@dataclass(frozen=True)
-class RouterResult(Result):
-    path: str  # the mixture it trained (OUTPUT/mixture), published as a version after evaluation
-    steps: int
-    final_loss: float
-    seconds: float
-    losses: list[float]
-    trainable_params: int
-
-
-@dataclass(frozen=True)
-class EvalResult(Result):
-    per_domain: dict[str, dict[str, float]] | None = None
-    avg: dict[str, float] | None = None
-    general: dict[str, float] | None = None
-    router: dict | None = None
-    error: str | None = None
-    seconds: float = 0.0
-
-
-def data_fields(cfg: LoramixConfig) -> list[str]:
-    """The data columns every stage reads (renaming them changes what the rows mean)."""
-    return [cfg.data.prompt_field, cfg.data.completion_field]
-
-
-# ------------------------------------------------------------------------------------ the stages
-@dataclass(frozen=True)
-class Context:
-    """What every stage reads: the validated config (``output`` absolute) and the data's digests."""
-
-    cfg: LoramixConfig
-    train_digests: dict[str, str]  # domain -> digest of its train file
-    eval_digests: dict[str, str | None]
-    general_digest: str | None
-    universal_digest: str | None  # of `universal.train`
-
-    @classmethod
-    def create(cls, cfg: LoramixConfig) -> Context:
-        return cls(
-            cfg=cfg,
-            train_digests={d.name: file_digest(d.train) for d in cfg.data.domains},
-            eval_digests={d.name: file_digest(d.eval) for d in cfg.data.domains},
-            general_digest=file_digest(cfg.data.general),
-            universal_digest=file_digest(cfg.universal.train),
-        )
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.output)
-
-    @property
-    def store(self) -> StageStore:
-        return StageStore(self.out)
 
 
 @dataclass(frozen=True)
@@ -181,8 +79,6 @@ class BaseStage(Stage):
         return [cfg.model, cfg.seed, cfg.data.max_length, [tree_stamp(p) for p in local]]
 
     def run(self, ctx, inputs, progress=quiet):
-        from loramix import stages
-
         return stages.base_stage(ctx.cfg, ctx.out / "base", progress)
 
 
@@ -218,14 +114,26 @@ class LoraStage(Stage):
 
     def optim(self, ctx):
         """The optimiser section; the multitask baseline's steps come from its budget at run time."""
-        from loramix import stages
-
         return stages.optim_section(ctx.cfg, self.section)
 
     def run(self, ctx, inputs, progress=quiet):
-        from loramix import stages
-
         return stages.lora_local(ctx, self, inputs, progress)
+
+
+@dataclass(frozen=True)
+class AdapterStage(Stage):
+    """A domain's expert brought as a PEFT LoRA trained elsewhere (``data.domains[].adapter``):
+    checked against the base (its name, modules and shapes), then copied to ``out_dir``."""
+
+    adapter: str = ""
+    out_dir: str = ""
+    result_type: ClassVar = LoraResult
+
+    def key(self, ctx):
+        return ["adapter", file_digest(self.adapter)]
+
+    def run(self, ctx, inputs, progress=quiet):
+        return adapters.adapter_stage(ctx, self, inputs)
 
 
 @dataclass(frozen=True)
@@ -247,8 +155,6 @@ class RouterStage(Stage):
         ]
 
     def run(self, ctx, inputs, progress=quiet):
-        from loramix import stages
-
         return stages.router_stage(ctx, inputs, progress)
 
 
@@ -270,8 +176,6 @@ class EvalStage(Stage):
         ]
 
     def run(self, ctx, inputs, progress=quiet):
-        from loramix import stages
-
         return stages.eval_stage(ctx, self.method, inputs)
 
 
@@ -292,6 +196,10 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
     experts = []
     for d in domains:
         name = f"expert/{d.name}"
+        experts.append(name)
+        if d.adapter:
+            plan.append(AdapterStage(name, ("base",), adapter=d.adapter, out_dir=f"experts/{d.name}"))
+            continue
         deps = ("base", *(universal_deps if trunk else ()))
         plan.append(
             LoraStage(
@@ -304,18 +212,18 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
                 data_label=f"domain {d.name} ({d.train})",
             )
         )
-        experts.append(name)
-    plan.append(
-        LoraStage(
-            "multitask_lora",
-            ("base", *experts),
-            tuple((d.name, d.train) for d in domains),
-            "expert",
-            "multitask_lora",
-            budget_from=tuple(experts),
-            data_label="the union of the domains",
+    if cfg.baselines:
+        plan.append(
+            LoraStage(
+                "multitask_lora",
+                ("base", *experts),
+                tuple((d.name, d.train) for d in domains),
+                "expert",
+                "multitask_lora",
+                budget_from=tuple(experts),
+                data_label="the union of the domains",
+            )
         )
-    )
     loras = (*universal_deps, *experts)
     plan.append(RouterStage("router", ("base", *loras)))
     eval_deps = {
@@ -324,7 +232,7 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
         "multitask_lora": ("base", "multitask_lora"),
         "mixture": ("base", "router"),
     }
-    for method in METHODS:
+    for method in (m for m in METHODS if cfg.baselines or m not in BASELINES):
         plan.append(EvalStage(f"eval/{method}", eval_deps.get(method, ("base", *loras)), method=method))
     return plan
 
@@ -341,8 +249,24 @@ def load_result(stage: Stage, data: dict) -> Result:
     return stage.result_type.from_json(data)
 
 
+def check_data(cfg: LoramixConfig) -> None:
+    """Read every data file once before anything runs: a bad row stops the run in seconds, naming
+    the setting, the file and the row, instead of failing a stage after the experts trained."""
+    for i, d in enumerate(cfg.data.domains):
+        if not d.eval:
+            raise data.DataError(
+                f"domain {d.name!r} has no `eval` file; every domain is scored: set `data.domains.{i}.eval`."
+            )
+    for key, path in data_paths(cfg).items():
+        try:
+            data.load_rows(path, cfg.data.prompt_field, cfg.data.completion_field)
+        except data.DataError as err:
+            raise data.DataError(f"`{key}`: {err}") from None
+
+
 def run_local(cfg: LoramixConfig, progress: Progress = quiet) -> tuple[dict[str, Result], list[str]]:
     """Run (or reuse) every stage of ``cfg`` in this process; returns ``(results, cached stage names)``."""
+    check_data(cfg)
     ctx = Context.create(cfg)
     plan = build_plan(cfg)
     hashes = digests(plan, ctx)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 
 def plot_report(report: dict, curves: dict, out: Path) -> None:
-    import matplotlib
+    import matplotlib  # the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the Agg backend is chosen before pyplot loads
 
     for name, draw in (
         ("accuracy.png", _accuracy),
@@ -25,7 +25,7 @@ def plot_report(report: dict, curves: dict, out: Path) -> None:
 
 
 def _accuracy(plt, report, curves):
-    import numpy as np
+    import numpy as np  # numpy comes with matplotlib; loaded only when plotting
 
     names = report["domains"]
     methods = {m: r for m, r in report["methods"].items() if "error" not in r}
@@ -45,7 +45,7 @@ def _accuracy(plt, report, curves):
 
 
 def _confusion(plt, report, curves):
-    import numpy as np
+    import numpy as np  # numpy comes with matplotlib; loaded only when plotting
 
     router = report["router"]
     if not router:
@@ -64,7 +64,7 @@ def _confusion(plt, report, curves):
 
 def _gates(plt, report, curves):
     """One heatmap per domain: mean gate of each expert (columns) at each routing decision (rows)."""
-    import numpy as np
+    import numpy as np  # numpy comes with matplotlib; loaded only when plotting
 
     pattern = report["router"].get("gate_pattern") if report["router"] else None
     if not pattern or not pattern["domains"]:

@@ -91,13 +91,19 @@ def finish_run(
     ``config.yaml``, report and ``artifact`` are the previous run's, whatever failed in between."""
     out = Path(out)
     mixture = results["eval/mixture"]
-    scores = {"exact_match": (mixture.avg or {}).get("exact_match"), "per_domain": mixture.per_domain,
-              "router_accuracy": (mixture.router or {}).get("accuracy"), "general": mixture.general}  # fmt: skip
-    version = publish(out, results["router"].path, extra={SERVE_JSON: saved_settings(cfg.serve)}, scores=scores,
-                      note=note)  # fmt: skip
+    scores = {
+        "exact_match": (mixture.avg or {}).get("exact_match"),
+        "per_domain": mixture.per_domain,
+        "router_accuracy": (mixture.router or {}).get("accuracy"),
+        "general": mixture.general,
+    }
+    version = publish(
+        out, results["router"].path, extra={SERVE_JSON: saved_settings(cfg.serve)}, scores=scores, note=note
+    )
     artifact = {"version": version, "path": str(path_of(out, version)), "pointer": str(out / POINTER)}
-    report = write_run_report(out, cfg, results, timings=timings, cached=cached,
-                              extra={"artifact": artifact, **(extra or {})})  # fmt: skip
+    report = write_run_report(
+        out, cfg, results, timings=timings, cached=cached, extra={"artifact": artifact, **(extra or {})}
+    )
     (out / "config.yaml").write_text(dump_config(cfg))
     return report
 
@@ -156,7 +162,7 @@ def write_report(
     write_json(out / "curves.json", curves)
     (out / "report.md").write_text(format_report(report) + "\n")
     try:
-        from loramix.plots import plot_report
+        from loramix.plots import plot_report  # matplotlib loads only when a report is plotted
 
         plot_report(report, curves, out)
     except ImportError:  # matplotlib is a dependency; a broken install should not lose the report

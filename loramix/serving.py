@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from loramix.data import encode_prompt, pad_left
 from loramix.loops import accelerator
@@ -162,7 +163,6 @@ class Engine:
         ``dtype``: the base's (default: as saved). The fused mixture holds its experts in the
         base's dtype, in which they compute (:meth:`MixtureModel.cast_experts`).
         """
-        from transformers import AutoTokenizer
 
         mm = MixtureModel.from_pretrained(path, **({"dtype": dtype} if dtype is not None else {}))
         tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer")

@@ -13,15 +13,22 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loramix import data, evaluate, loops, recipes, synthetic
+from loramix import data, evaluate, loops, recipes, router_training, synthetic
+from loramix.artifact import atomic_dir
 from loramix.config import ExpertConfig, LoramixConfig, OptimConfig
-from loramix.merge import merge_adapters
+from loramix.merge_baselines import merge_adapters
+from loramix.messages import BaseResult, Context, EvalResult, LoraResult, Progress, RouterResult, quiet
 from loramix.model import MixtureModel
-from loramix.plan import BaseResult, Context, EvalResult, LoraResult, LoraStage, Progress, RouterResult, quiet
 from loramix.trainees import save_trainee
+
+if TYPE_CHECKING:  # the graph imports this module to run its stages
+    from loramix.plan import LoraStage
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +76,6 @@ def base_stage(cfg: LoramixConfig, out_dir: str | Path, progress: Progress = qui
 
 def load_base(cfg: LoramixConfig, base: BaseResult):
     """The frozen base in ``model.dtype``, on this process's accelerator (a Ray task's GPU) or the CPU."""
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         base.base, dtype=getattr(torch, cfg.model.dtype), revision=cfg.model.revision
@@ -78,7 +84,6 @@ def load_base(cfg: LoramixConfig, base: BaseResult):
 
 
 def load_tokenizer(base: BaseResult):
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base.tokenizer)
     if tok.pad_token_id is None:
@@ -165,7 +170,6 @@ def val_loss_fn(model, val: list[data.Example], batch_size: int, pad_id: int):
 
 def train_lora(spec: LoraSpec, cfg: LoramixConfig, base, tokenizer, progress: Progress = quiet) -> LoraResult:
     """Train one LoRA in this process (plain AdamW) and save it at ``spec.out_dir``."""
-    from loramix.artifact import atomic_dir
 
     t0 = time.perf_counter()
     o, pad = spec.optim, tokenizer.pad_token_id
@@ -263,7 +267,7 @@ def router_stage(ctx: Context, inputs: dict, progress: Progress = quiet) -> Rout
     tokenizer = load_tokenizer(base)
     universal = inputs["universal"].path if "universal" in inputs else None
     mm, it = router_setup(cfg, base, adapters_of(cfg, inputs), universal, tokenizer)
-    summary = loops.train_router(
+    summary = router_training.train_router(
         cfg.router,
         mm,
         it,
@@ -300,7 +304,6 @@ def method_models(method: str, cfg: LoramixConfig, base: BaseResult, inputs: dic
     The oracle answers each domain with its own expert, and general prompts with MoDULA's
     universal LoRA when there is one (else the plain base): the right expert for each row.
     """
-    from peft import PeftModel
 
     model = load_base(cfg, base)
     universal = inputs["universal"].path if "universal" in inputs else None

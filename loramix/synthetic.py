@@ -134,11 +134,11 @@ def demo_artifact(
     tokenizer (``path/tokenizer``), an untrained small Llama (``<path>-base``), random experts
     with B != 0 (``<path>-adapters/<name>``) and a MoA/MoLE/MoDULA router trained for a few
     steps on cue-worded prompts, so prompts route by their cue word."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # demo_artifact only; the tokenizer/base builders need no PEFT
 
-    from loramix import data, loops
-    from loramix.config import RouterConfig
-    from loramix.model import MixtureModel
+    from loramix import data, router_training  # demo_artifact only: these modules import this one's builders
+    from loramix.config import RouterConfig  # demo_artifact only: these modules import this one's builders
+    from loramix.model import MixtureModel  # demo_artifact only: these modules import this one's builders
 
     path = Path(path)
     tokenizer = build_tokenizer()
@@ -162,7 +162,9 @@ def demo_artifact(
     torch.manual_seed(seed + 100)  # a briefly trained router, so prompts route by their cue word
     rows = [e for i, n in enumerate(experts) for e in data.tokenize_rows(make_rows(n, 64, seed), tokenizer, 32, i)]
     it = data.batches(rows, 32, tokenizer.pad_token_id, seed=seed, steps=router_steps)
-    loops.train_router(RouterConfig(steps=router_steps, lr=2e-2, warmup_ratio=0), mm, it, report=lambda m, c=None: None)
+    router_training.train_router(
+        RouterConfig(steps=router_steps, lr=2e-2, warmup_ratio=0), mm, it, report=lambda m, c=None: None
+    )
     mm.eval()
     mm.save_pretrained(path, base_path=str((path.parent / f"{path.name}-base").resolve()))
     tokenizer.save_pretrained(str(path / "tokenizer"))

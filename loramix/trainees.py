@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from loramix.experts import Expert, ExpertBank
@@ -106,7 +106,6 @@ def build_trainee(base_model: nn.Module, cfg, *, trunk: str | Path | None = None
     """
     if trunk is not None:
         return ResTrainee(base_model, cfg, Expert.from_dir("universal", trunk), adapter_name)
-    from peft import get_peft_model
 
     return get_peft_model(base_model, lora_config(cfg), adapter_name=adapter_name)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from loramix import evaluate, loops, stages
+from loramix import evaluate, router_training, stages
 from loramix.config import LoramixConfig
 
 logger = logging.getLogger(__name__)
@@ -61,5 +61,5 @@ def router_trial(cfg: LoramixConfig, results: dict, *, report: Callable[[dict], 
         logger.info("router step %d: %s %.3f", metrics["step"], METRIC, last[METRIC])
         report(dict(last))
 
-    loops.train_router(cfg.router, mm, batches, report=on_step, log_every=cfg.train.log_every)
+    router_training.train_router(cfg.router, mm, batches, report=on_step, log_every=cfg.train.log_every)
     return last

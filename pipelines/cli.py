@@ -3,6 +3,8 @@
 loramix run CONFIG [--output DIR] [--address ADDR] [key.path=value ...]   the pipeline on Ray
 loramix tune CONFIG [--output DIR] [--address ADDR] [key.path=value ...]  search rank/top-k/... with Tune
 loramix add-domain OUTPUT --name NAME --train PATH [--eval PATH] [--address ADDR]
+loramix add-expert OUTPUT --name NAME --adapter DIR --train PATH [--eval PATH]   a LoRA trained elsewhere
+loramix replace-expert OUTPUT --name NAME (--train PATH | --adapter DIR)  /  remove-expert OUTPUT --name NAME
 loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
 loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
 loramix serve ARTIFACT [--topology fused|routed] [--host H] [--port P] [--address A] [--api-key K]
@@ -23,9 +25,13 @@ logger = logging.getLogger("loramix")
 
 
 def _demo(args) -> int:
-    from loramix.demo import run_demo
-    from loramix.report import format_report
-    from pipelines.progress import bar_report
+    from loramix.demo import run_demo  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    from loramix.report import (
+        format_report,  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    )
+    from pipelines.progress import (
+        bar_report,  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    )
 
     cfg = load_config(args.config, args.overrides)
     out = args.output or cfg.output
@@ -43,8 +49,10 @@ def _print_warnings(report: dict) -> None:
 
 
 def _run(args) -> int:
-    from loramix.report import format_report
-    from pipelines.run import run_pipeline
+    from loramix.report import (
+        format_report,  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    )
+    from pipelines.run import run_pipeline  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
     cfg = load_config(args.config, args.overrides)
     out = args.output or cfg.output
@@ -60,14 +68,14 @@ def _run(args) -> int:
 
 
 def _tune(args) -> int:
-    import tune_spaces
+    import tune_spaces  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
     if args.list_spaces:
         print("\n".join(tune_spaces.describe()))
         return 0
     if not args.config:
         raise ConfigError("`loramix tune` needs a CONFIG (or --list-spaces).")
-    from pipelines.tune import run_tune
+    from pipelines.tune import run_tune  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
     cfg = load_config(args.config, args.overrides)
     out = args.output or cfg.output
@@ -82,22 +90,36 @@ def _tune(args) -> int:
     return 0
 
 
-def _add_domain(args) -> int:
-    from pipelines.add_domain import add_domain
+def _change_experts(args) -> int:
+    from pipelines import experts  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
-    report = add_domain(args.output, args.name, args.train, args.eval, args.address)
-    info = report["add_domain"]
-    print(
-        f"added {info['name']}: {info['new_expert_steps']} expert steps vs {info['multitask_steps_all_domains']} "
-        f"to retrain the multitask LoRA (ratio {info['compute_ratio']:.2f})"
-    )
-    for d, v in info["old_domains"].items():
+    if args.command == "add-domain":
+        report = experts.add_domain(args.output, args.name, args.train, args.eval, args.address)
+    elif args.command == "add-expert":
+        report = experts.add_expert(args.output, args.name, args.adapter, args.train, args.eval, args.address)
+    elif args.command == "replace-expert":
+        report = experts.replace_expert(
+            args.output, args.name, train=args.train, adapter=args.adapter, eval_path=args.eval, address=args.address
+        )
+    else:
+        report = experts.remove_expert(args.output, args.name, args.address)
+    info = report["change"]
+    print(f"{info['kind']} {info['name']}: version v{info['version']}, retrained {', '.join(info['retrained_stages'])}")
+    if info["expert_steps"]:
+        print(
+            f"  {info['expert_steps']} expert steps vs {info['multitask_steps_all_domains']} to retrain one LoRA on "
+            f"every domain (ratio {info['compute_ratio']:.2f})"
+        )
+    for d, v in info["kept_domains"].items():
         print(f"  {d}: {v['before']:.3f} -> {v['after']:.3f} ({v['delta']:+.3f})")
     return 0
 
 
 def _bench(args) -> int:
-    from benchmarks.bench import run, summary
+    from benchmarks.bench import (  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+        run,
+        summary,
+    )
 
     over = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
     result = run(args.output, with_ray=args.ray, size="quick" if args.quick else args.size, **over)
@@ -107,7 +129,9 @@ def _bench(args) -> int:
 
 
 def _demo_data(args) -> int:
-    from loramix.synthetic import write_demo_data
+    from loramix.synthetic import (
+        write_demo_data,  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    )
 
     info = write_demo_data(args.dir, args.tasks, args.train_size, args.eval_size)
     for d in info["domains"]:
@@ -116,9 +140,10 @@ def _demo_data(args) -> int:
 
 
 def _serve(args) -> int:
-    from loramix.versions import resolve
-    from pipelines import serve
+    from loramix.versions import resolve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    from pipelines import serve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
+    serve.check_detach(args.address, args.detach)  # flags first: before any file is read
     artifact = str(resolve(args.artifact, args.version))
     key = serve.api_key_flag(args.api_key)
     flags = dict(topology=args.topology, host=args.host, port=args.port, api_key=key)
@@ -128,9 +153,10 @@ def _serve(args) -> int:
 
 
 def _serve_config(args) -> int:
-    from loramix.versions import resolve
-    from pipelines import serve
+    from loramix.versions import resolve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+    from pipelines import serve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
+    serve.check_detach(args.address, args.detach)  # flags first: before any file is read
     artifact = str(resolve(args.artifact, args.version))
     cfg = serve.settings(artifact, args.overrides, topology=args.topology)
     text = serve.write_serve_config(artifact, cfg, args.output)
@@ -139,7 +165,7 @@ def _serve_config(args) -> int:
 
 
 def _versions(args) -> int:
-    from loramix.versions import listing
+    from loramix.versions import listing  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
     rows = listing(args.output)
     if not rows:
@@ -180,13 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-spaces", action="store_true", help="list the search spaces in tune_spaces/")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. tune.num_samples=8")
     p.set_defaults(func=_tune)
-    p = sub.add_parser("add-domain", help="train one new expert into a finished run and refresh its router")
-    p.add_argument("output", help="the finished run's output directory")
-    p.add_argument("--name", required=True)
-    p.add_argument("--train", required=True)
-    p.add_argument("--eval")
-    p.add_argument("--address")
-    p.set_defaults(func=_add_domain)
+    changes = {
+        "add-domain": "train one new expert into a finished run and refresh its router",
+        "add-expert": "bring a PEFT LoRA trained elsewhere on the same base into a finished run",
+        "replace-expert": "retrain an expert on new rows (--train) or swap in another LoRA (--adapter)",
+        "remove-expert": "drop an expert and retrain the router over the others",
+    }
+    for command, help_text in changes.items():
+        p = sub.add_parser(command, help=help_text + "; publishes a new artifact version")
+        p.add_argument("output", help="the finished run's output directory")
+        p.add_argument("--name", required=True, help="the expert (domain) name")
+        if command in ("add-expert", "replace-expert"):
+            p.add_argument("--adapter", required=command == "add-expert", help="PEFT LoRA folder (safetensors)")
+        if command != "remove-expert":
+            needed = command in ("add-domain", "add-expert")
+            p.add_argument("--train", required=needed, help="rows of the domain: train the expert / teach the router")
+            p.add_argument("--eval", required=needed, help="held-out rows of the domain, for the report")
+        p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local instance)")
+        p.set_defaults(func=_change_experts)
     p = sub.add_parser("demo", help="run the offline demo end to end in this process (no Ray)")
     p.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("--output", help="output directory (default: the config's `output`)")

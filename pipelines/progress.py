@@ -27,13 +27,20 @@ class Unschedulable(RuntimeError):
 
 def waiting_for_resources() -> list[str]:
     """Resource requests Ray cannot place right now: pending placement groups (trainer worker
-    groups), tasks and actors, each as ``name {resources}``."""
-    from ray.util.state import list_actors, list_placement_groups, list_tasks
+    groups) by name, and task/actor demands by shape.
 
-    groups = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True)
-    waiting = [f"placement group {pg.name or pg.placement_group_id[:8]} {pg.bundles}" for pg in groups]
-    waiting += [f"task {t.name}" for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")])]
-    waiting += [f"actor {a.class_name}" for a in list_actors(filters=[("state", "=", "PENDING_CREATION")])]
+    Read from the GCS the way ``ray status`` does (the autoscaler's demand summary), so it works
+    without the dashboard, which ``ray.util.state`` would need."""
+    from ray.autoscaler.v2.sdk import get_cluster_status  # what `ray status` reads; needs no dashboard
+
+    demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
+    names = {pg_id: pg.get("name") for pg_id, pg in ray.util.placement_group_table().items()}
+    waiting = []
+    for pg in demands.placement_group_demand:
+        bundles = [r.bundle for r in pg.bundles_by_count for _ in range(r.count)]
+        waiting.append(f"placement group {names.get(pg.pg_id) or pg.pg_id[:8]} {bundles}")
+    for demand in demands.ray_task_actor_demand:
+        waiting += [f"{r.count} task(s)/actor(s) needing {r.bundle}" for r in demand.bundles_by_count]
     return waiting
 
 
@@ -47,8 +54,19 @@ def wait_with_bars(
             when nothing progressed for this long while requests wait for resources.
 
     Returns:
-        name -> result. The first failing future raises (with the job's name in the message).
+        name -> result. The first failing future raises (with the job's name in the message);
+        then, as on Ctrl-C or :class:`Unschedulable`, every future still pending is cancelled, so
+        no trainer of a failed run goes on holding the cluster's CPUs.
     """
+    try:
+        return _wait(refs, progress, poll_s, stall_timeout_s)
+    except BaseException:
+        for ref in refs.values():
+            ray.cancel(ref, force=True, recursive=True)  # a killed stage task takes its trainer with it
+        raise
+
+
+def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout_s: float | None) -> dict:
     bars: dict[str, tqdm] = {}
     pending = dict(refs)
     results = {}

@@ -116,6 +116,7 @@ def run_pipeline(
     for key, path in data_paths(cfg).items():  # fail before starting Ray, naming the setting
         if not Path(path).exists():
             raise FileNotFoundError(f"`{key}`: {path!r} does not exist (relative to {str(Path.cwd())!r}).")
+    plan.check_data(cfg)
     with output_lock(out):
         cfg = stage_data(cfg, out)
         local = connect(address)

@@ -14,10 +14,14 @@ import threading
 import time
 from pathlib import Path
 
+import ray
 import yaml
+from ray import serve
+from ray.serve.schema import ApplicationStatus
 
 from loramix.config import ConfigError, apply_overrides
 from loramix.serve_config import ServeConfig
+from pipelines.run import connect
 from serve_app.app import build_app, deployments, initial_replicas, load_serve_config, resource_demand, serve_config
 
 logger = logging.getLogger(__name__)
@@ -87,10 +91,6 @@ def deploy(artifact: str, cfg: ServeConfig, address: str | None = None, *, start
     On a local instance (no autoscaler) the replicas are first fitted to its CPUs; an app still not
     running after ``start_timeout_s`` is an error naming the deployments it waits for.
     """
-    import ray
-    from ray import serve
-
-    from pipelines.run import connect
 
     artifact = str(Path(artifact).resolve())
     local = connect(address)
@@ -111,14 +111,15 @@ def deploy(artifact: str, cfg: ServeConfig, address: str | None = None, *, start
 def wait_running(timeout_s: float | None, poll_s: float = 1.0) -> None:
     """Until the app runs; raises when it failed or (with ``timeout_s``) is still not running, naming
     the deployments that are not, and prints what it waits for every 30 s."""
-    from ray import serve
-    from ray.serve.schema import ApplicationStatus
 
     t0, said = time.monotonic(), 0.0
     while True:
         app = serve.status().applications.get(APP_NAME)
         status = app.status if app else ApplicationStatus.NOT_STARTED
-        if status == ApplicationStatus.RUNNING:
+        # An update is done when only the new replicas are left: during a rolling update the old
+        # ones keep answering (with the old settings) while the app already reports RUNNING.
+        settled = app is not None and all(set(d.replica_states) <= {"RUNNING"} for d in app.deployments.values())
+        if status == ApplicationStatus.RUNNING and settled:
             return
         waiting = sorted(n for n, d in (app.deployments if app else {}).items() if d.status != "HEALTHY")
         if status == ApplicationStatus.DEPLOY_FAILED:
@@ -135,14 +136,20 @@ def wait_running(timeout_s: float | None, poll_s: float = 1.0) -> None:
         time.sleep(poll_s)
 
 
-def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *, detach: bool = False) -> str:
-    """Deploy, print the URL, then block until Ctrl-C (``detach``: return, leaving the app up)."""
+def check_detach(address: str | None, detach: bool) -> str | None:
+    """The cluster to serve on (``--address`` or ``RAY_ADDRESS``); ``--detach`` needs one."""
     cluster = address or os.environ.get("RAY_ADDRESS")
     if detach and not cluster:
         raise ConfigError(
             "`--detach` leaves the app on a running cluster, but none was given: pass --address or set "
             "RAY_ADDRESS (without one, the local Ray this command starts ends with it)."
         )
+    return cluster
+
+
+def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *, detach: bool = False) -> str:
+    """Deploy, print the URL, then block until Ctrl-C (``detach``: return, leaving the app up)."""
+    cluster = check_detach(address, detach)
     if cfg.api_key is None and cfg.host not in LOOPBACK:
         print(
             f"loramix: warning: serving on {cfg.host} without an API key: anyone who reaches the port can use it. "
@@ -167,8 +174,6 @@ def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *
 def stop(cluster: str | None) -> None:
     """Take down what this command started: the app on a cluster; the whole local instance otherwise
     (GCS, raylet, Serve controller, replicas: nothing is left holding the ports)."""
-    import ray
-    from ray import serve
 
     if not ray.is_initialized():
         return

@@ -32,11 +32,12 @@ from actors.expert_cache import ExpertCacheActor
 from actors.progress import ProgressActor
 from actors.stage_tasks import launch
 from loramix import plan
-from loramix.config import ConfigError, LoramixConfig, apply_values, build_config, dump_config
+from loramix.config import ConfigError, LoramixConfig, apply_values, build_config
 from loramix.demo import ensure_demo_data
 from loramix.lock import output_lock
 from loramix.tuning import METRIC, router_trial
 from pipelines.run import connect, stage_data
+from pipelines.tune_report import write_results
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ def trial(params: dict, *, cfg_dict: dict, base: plan.BaseResult, cache) -> None
         stage = stages_[name]
         return ray.get(cache.get.remote(stage, ctx, hashes[name], [results[d] for d in stage.deps]))
 
+    for stage in stages_.values():  # experts brought as adapters: checked and copied here, nothing trains
+        if isinstance(stage, plan.AdapterStage):
+            results[stage.name] = stage.run(ctx, {"base": base})
     names = [s.name for s in stages_.values() if s.kind == "lora" and not s.budget_from]
     if "universal" in names:  # MoDULA-Res experts read it: it comes first
         results["universal"] = _wait(cache, hashes["universal"], ask("universal"))
@@ -117,7 +121,7 @@ def _tuner(cfg: LoramixConfig, space: dict, trainable, storage: Path) -> tune.Tu
     )
     searcher = None
     if t.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # optional: only with `tune.search: optuna`
 
         searcher = OptunaSearch(seed=cfg.seed)
     return tune.Tuner(
@@ -142,7 +146,6 @@ def _tuner(cfg: LoramixConfig, space: dict, trainable, storage: Path) -> tune.Tu
 
 def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str | None = None) -> dict:
     """Run (or resume) the search; returns the summary written to ``results.json``."""
-    from pipelines.tune_report import write_results
 
     ensure_demo_data(cfg)
     space = tune_spaces.load(cfg)
@@ -150,6 +153,7 @@ def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str 
     shared = out / "tune" / "shared"
     # Stages (base, experts) write under the shared folder; trials never copy weights around.
     cfg = cfg.model_copy(update={"output": str(shared)})
+    plan.check_data(cfg)
     with output_lock(out):
         # Trials run in their own directories (and maybe on other nodes): absolute, shared data paths.
         cfg = stage_data(cfg, shared)
@@ -167,8 +171,3 @@ def run_tune(cfg: LoramixConfig, output: str | Path | None = None, address: str 
         launched = ray.get(cache.stats.remote())["launched"]
         best_cfg = cfg.model_copy(update={"output": str(out / "best")})
         return write_results(grid, best_cfg, out / "tune", launched, seconds=time.perf_counter() - t0)
-
-
-def best_config(cfg: LoramixConfig, params: dict) -> str:
-    """The YAML of ``cfg`` with a trial's ``params`` applied (what ``loramix run`` takes)."""
-    return dump_config(build_config(apply_values(cfg.model_dump(mode="json"), params), source="best trial"))

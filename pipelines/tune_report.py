@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from loramix.artifact import write_json
-from loramix.config import LoramixConfig
+from loramix.config import LoramixConfig, apply_values, build_config, dump_config
 from loramix.tuning import METRIC
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,6 @@ def rank_key(row: dict) -> tuple:
 def write_results(grid, cfg: LoramixConfig, tune_dir: Path, launched: list[str], *, seconds: float) -> dict:
     """Write the three outputs; the best trial is the argmax of each trial's final ``accuracy``
     (ties: lowest ``val_loss``)."""
-    from pipelines.tune import best_config
-
     rows = trial_rows(grid, cfg.tune.evals_per_trial)
     scored = [r for r in rows if r[METRIC] is not None]
     if not scored:
@@ -74,10 +72,10 @@ def write_results(grid, cfg: LoramixConfig, tune_dir: Path, launched: list[str],
 
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy against each searched parameter, coloured by router top-k when it was searched."""
-    import matplotlib
+    import matplotlib  # the Agg backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the Agg backend is chosen before pyplot loads
 
     scored = [r for r in rows if r[METRIC] is not None]
     keys = sorted({k for r in scored for k, v in r["params"].items() if isinstance(v, (int, float, str))})
@@ -99,3 +97,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.suptitle(f"loramix tune: {METRIC} per trial")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def best_config(cfg: LoramixConfig, params: dict) -> str:
+    """The YAML of ``cfg`` with a trial's ``params`` applied (what ``loramix run`` takes)."""
+    return dump_config(build_config(apply_values(cfg.model_dump(mode="json"), params), source="best trial"))

@@ -91,8 +91,11 @@ def resource_demand(artifact: str, cfg: ServeConfig) -> dict[str, float]:
 
 def build_app(args: dict):
     """Serve application builder (``import_path: serve_app.app:build_app``)."""
-    from serve_app.deployments import ModelDeployment, RouterDeployment
-    from serve_app.ingress import IngressDeployment
+    from serve_app.deployments import (  # the deployments import torch; building the app's config does not
+        ModelDeployment,
+        RouterDeployment,
+    )
+    from serve_app.ingress import IngressDeployment  # the deployments import torch; building the app's config does not
 
     if "artifact" not in args:
         raise ConfigError("build_app needs `artifact`: a run folder, OUTPUT/artifact or OUTPUT/artifacts/vN.")

@@ -44,9 +44,17 @@ class Plan:
 
 class Dispatcher:
     def __init__(
-        self, cfg: ServeConfig, expert_names, tokenizer, context_length, fused, router, experts, *,
+        self,
+        cfg: ServeConfig,
+        expert_names,
+        tokenizer,
+        context_length,
+        fused,
+        router,
+        experts,
+        *,
         sequence_router: bool = False,
-    ):  # fmt: skip
+    ):
         self.cfg, self.expert_names, self.tokenizer = cfg, list(expert_names), tokenizer
         self.context_length = context_length
         self.fused, self.router, self.experts = fused, router, experts
@@ -107,8 +115,11 @@ class Dispatcher:
             return None
         unknown = sorted(set(given) - set(self.expert_names))
         if unknown:
-            raise APIError(400, f"`expert_weights` names unknown experts {unknown}; experts are {self.expert_names}.",
-                           "expert_weights")  # fmt: skip
+            raise APIError(
+                400,
+                f"`expert_weights` names unknown experts {unknown}; experts are {self.expert_names}.",
+                "expert_weights",
+            )
         values = [float(given.get(n, 0.0)) for n in self.expert_names]
         if any(not math.isfinite(v) or v < 0 for v in values):
             raise APIError(400, "`expert_weights` must be finite and >= 0.", "expert_weights")
@@ -215,5 +226,4 @@ class Dispatcher:
 
 
 def _params(p: SamplingParams) -> dict:
-    return {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "stop": p.stop,
-            "seed": p.seed}  # fmt: skip
+    return {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p, "stop": p.stop, "seed": p.seed}

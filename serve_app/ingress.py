@@ -26,8 +26,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
+from transformers import AutoConfig, AutoTokenizer
 
-from loramix.checkpoint import read_manifest
+from loramix.checkpoint import read_manifest, resolve_base
 from loramix.routers import ROUTERS
 from loramix.serve_config import ServeConfig
 from serve_app.dispatch import Dispatcher, Plan
@@ -92,9 +93,6 @@ class IngressDeployment:
     """
 
     def __init__(self, artifact: str, serve_config: dict, fused, router=None, experts: dict | None = None):
-        from transformers import AutoConfig, AutoTokenizer
-
-        from loramix.checkpoint import resolve_base
 
         self.cfg = ServeConfig(**serve_config)
         manifest = read_manifest(artifact)
@@ -161,7 +159,10 @@ class IngressDeployment:
 
     async def _run(self, plan: Plan) -> dict:
         start = time.perf_counter()
-        result = await self.dispatcher.collect(plan)
+        try:
+            result = await self.dispatcher.collect(plan)
+        except BackPressureError as exc:  # as an APIError: Serve answers a raw one itself, in plain text
+            raise internal_error(exc) from None
         self._observe(plan, result, start)
         return result
 

@@ -46,3 +46,15 @@ def router_adapters(tmp_path_factory) -> dict[str, str]:
     """
     root = tmp_path_factory.mktemp("router_adapters")
     return {name: make_adapter(0, root / name, seed=i + 1, b_scale=0.5, **kw) for i, (name, kw) in enumerate(EXPERTS)}
+
+
+@pytest.fixture(scope="session")
+def saved_base(tmp_path_factory):
+    """A tiny demo base + tokenizer written with save_pretrained: loaded back like any hub model."""
+    from loramix import synthetic
+
+    root = tmp_path_factory.mktemp("base")
+    tok = synthetic.build_tokenizer()
+    synthetic.build_base(tok, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root

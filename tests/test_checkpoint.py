@@ -78,3 +78,30 @@ def test_bf16_base_keeps_float32_experts_lossless(adapters, tmp_path):
         original, saved = Expert.from_dir(name, path), Expert.from_dir(name, tmp_path / "mix" / "experts" / name)
         assert all(torch.equal(saved.lora_A[m], original.lora_A[m]) for m in original.modules)
         assert all(saved.lora_A[m].dtype == torch.float32 for m in original.modules)
+
+
+def test_an_expert_saves_to_the_same_bytes_in_every_process(adapters, tmp_path):
+    """PEFT keeps `target_modules` as a set (hash order differs between processes); a saved
+    expert is byte-stable, so a new version shares the bytes of every expert it did not change."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.path[:0] = sys.argv[3:]\n"
+        "from loramix.experts import Expert\n"
+        "Expert.from_dir('sort', sys.argv[1]).save(sys.argv[2])\n"
+    )
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"seed{seed}"
+        subprocess.run(
+            [sys.executable, "-c", script, adapters["sort"], str(out), *sys.path],
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        outs.append({f.name: f.read_bytes() for f in out.iterdir()})
+    assert outs[0] == outs[1]
+    assert json.loads(outs[0]["adapter_config.json"])["target_modules"] == sorted(
+        json.loads(outs[0]["adapter_config.json"])["target_modules"]
+    )

@@ -31,3 +31,12 @@ def test_schema_rejects_a_typo():
     config["available_node_types"]["gpu_worker"]["min_worker"] = 0
     with pytest.raises(jsonschema.ValidationError, match="min_worker"):
         validate_config(prepare_config(config))
+
+
+def test_an_open_dashboard_says_how_to_reach_it_safely():
+    """The dashboard's Jobs API runs any code it is sent: binding it to 0.0.0.0 comes with the
+    warning and the safe way in (a tunnel)."""
+    text = (ROOT / "cluster.yaml").read_text()
+    if "--dashboard-host=0.0.0.0" in text:
+        before = text[: text.index("--dashboard-host=0.0.0.0")]
+        assert "must NOT open" in before and "ray dashboard cluster.yaml" in before

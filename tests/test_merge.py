@@ -6,7 +6,7 @@ from helpers import assert_close, assert_differs, logits
 from tiny import batch, make_adapter, tiny_llama
 
 from loramix import MixtureModel
-from loramix.merge import merge_adapters
+from loramix.merge_baselines import merge_adapters
 
 
 def test_cat_merge_equals_static_mixture(adapters):

@@ -8,7 +8,7 @@ from tiny import VOCAB, tiny_llama
 from loramix import MixtureModel, topk_gates
 from loramix.config import RouterConfig
 from loramix.data import IGNORE, Example, batches, collate
-from loramix.loops import train_router
+from loramix.router_training import train_router
 from loramix.routers import BlockGate, RouterDims
 
 CUE = 10  # domain d is cued by token CUE + d at the start of the prompt

@@ -192,8 +192,9 @@ def test_routed_fallback_reuses_a_sequence_routers_weights(sequence_router):
     route = [0.5, 0.3, 0.2]
     fused, router, experts = _Handle(), _Handle(route=route), {n: _Handle() for n in EXPERTS}
     cfg = ServeConfig(topology="routed", route_threshold=0.6)
-    d = Dispatcher(cfg, EXPERTS, synthetic.build_tokenizer(), 64, fused, router, experts,
-                   sequence_router=sequence_router)  # fmt: skip
+    d = Dispatcher(
+        cfg, EXPERTS, synthetic.build_tokenizer(), 64, fused, router, experts, sequence_router=sequence_router
+    )
     (p,) = plan(d)
     result = asyncio.run(d.collect(p))
     assert result["deployment"] == "fused" and not any(h.sent for h in experts.values())
@@ -205,8 +206,17 @@ def test_routed_fallback_reuses_a_sequence_routers_weights(sequence_router):
 
 
 def test_off_values_of_unsupported_parameters_and_bookkeeping_pass(dispatcher):
-    (p,) = plan(dispatcher, logprobs=None, echo=False, best_of=1, presence_penalty=0, frequency_penalty=0.0,
-                user="u-1", metadata={"k": "v"}, logit_bias={})  # fmt: skip
+    (p,) = plan(
+        dispatcher,
+        logprobs=None,
+        echo=False,
+        best_of=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        user="u-1",
+        metadata={"k": "v"},
+        logit_bias={},
+    )
     assert p.params.max_tokens == 16
 
 

@@ -1,6 +1,7 @@
 """The stage graph in-process (the Ray-free demo), on a real-model path: a base saved to disk."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +13,6 @@ from loramix.demo import run_demo
 from loramix.model import MixtureModel
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def saved_base(tmp_path_factory):
-    """A tiny base + tokenizer written with save_pretrained: loaded back like any hub model."""
-    root = tmp_path_factory.mktemp("base")
-    tok = synthetic.build_tokenizer()
-    synthetic.build_base(tok, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2).save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
 
 
 def config(saved_base, tmp_path, **over):
@@ -60,6 +51,34 @@ def test_demo_runs_every_stage_on_a_saved_base(saved_base, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     again = run_demo(cfg, tmp_path / "out")  # the demo reuses finished stages too
     assert set(again["cached_stages"]) == {s.name for s in plan.build_plan(cfg)}
+
+
+def test_without_baselines_only_base_oracle_and_mixture_run(saved_base, tmp_path):
+    cfg = config(saved_base, tmp_path, baselines=False)
+    names = {s.name for s in plan.build_plan(cfg)}
+    assert "multitask_lora" not in names and not names & {f"eval/{m}" for m in plan.BASELINES}
+    report = run_demo(cfg, tmp_path / "out")
+    assert set(report["methods"]) == {"base", "oracle", "mixture"} and "multitask_lora" not in report["training"]
+    assert not (tmp_path / "out" / "multitask_lora").exists()
+
+
+def test_a_bad_row_stops_the_run_before_anything_trains(saved_base, tmp_path):
+    from loramix.data import DataError
+
+    cfg = config(saved_base, tmp_path)
+    Path(cfg.data.general).write_text('{"prompt": "copy ab=", "answer": "ab"}\n')
+    with pytest.raises(DataError, match=r"`data.general`: .* row 1: missing field 'completion'"):
+        run_demo(cfg, tmp_path / "out")
+    no_eval = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(
+                update={"domains": [cfg.data.domains[0].model_copy(update={"eval": None}), cfg.data.domains[1]]}
+            )
+        }
+    )
+    with pytest.raises(DataError, match=r"domain 'reverse' has no `eval` file; .* set `data.domains.0.eval`"):
+        run_demo(no_eval, tmp_path / "out")
+    assert not (tmp_path / "out" / "base").exists()
 
 
 def test_missing_eval_split_is_named(saved_base, tmp_path):

@@ -33,9 +33,11 @@ def two_nodes():
 
 ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ("model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
-        "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=4 expert.batch_size=8 "
-        "router.steps=4 router.batch_size=8 data.eval_limit=4")  # fmt: skip
+TINY = (
+    "model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
+    "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=4 expert.batch_size=8 "
+    "router.steps=4 router.batch_size=8 data.eval_limit=4"
+)
 
 
 def submit(url: str, config_path, output, tag: str, *, working_dir=None, extra: str = ""):

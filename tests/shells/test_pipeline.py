@@ -81,15 +81,15 @@ def test_rerun_skips_every_stage(first_run):
 
 def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
     from loramix.synthetic import make_rows, write_jsonl
-    from pipelines.add_domain import add_domain
+    from pipelines.experts import add_domain
 
     cfg, root, report, snapshot = first_run
     train = write_jsonl(make_rows("shift", 64, seed=0), root / "data" / "shift.train.jsonl")
     evals = write_jsonl(make_rows("shift", 8, seed=1), root / "data" / "shift.eval.jsonl")
     new = add_domain(root / "out", "shift", str(train), str(evals))
-    info = new["add_domain"]
-    assert info["compute_ratio"] <= 1 / 2 and info["new_expert_steps"] == new["training"]["expert/shift"]["steps"]
-    assert set(info["old_domains"]) == {"reverse", "rotate"}
+    info = new["change"]
+    assert info["compute_ratio"] <= 1 / 2 and info["expert_steps"] == new["training"]["expert/shift"]["steps"]
+    assert set(info["kept_domains"]) == {"reverse", "rotate"}
     assert {"base", "expert/reverse", "expert/rotate"} <= set(new["cached_stages"])
     assert "expert/shift" not in new["cached_stages"]
     assert all(p.read_bytes() == b for p, b in snapshot.items())  # old experts byte-identical
@@ -118,6 +118,7 @@ def test_modula_with_universal_lora_and_mole_recipes(first_run, tmp_path):
     cfg, root, report, snapshot = first_run
     out = tmp_path / "out"
     shutil.copytree(root / "out", out, ignore=shutil.ignore_patterns("ray_storage"))
+    cfg = cfg.model_copy(update={"baselines": False})  # the recipes are under test here, not the baselines
     mole = run_pipeline(cfg.model_copy(update={"recipe": "mole"}), out)
     assert mole["recipe"] == "mole" and {"base", "expert/reverse", "expert/rotate"} <= set(mole["cached_stages"])
     assert "router" not in mole["cached_stages"]
@@ -176,11 +177,18 @@ def test_work_that_can_never_be_scheduled_stops_with_a_message(first_run, tmp_pa
     try:
         stalled = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stall_timeout_s": 5})})
         t0 = time.monotonic()
-        with pytest.raises(Unschedulable, match=r"nothing progressed for 5 s .* wait for resources .*run_stage"):
+        with pytest.raises(Unschedulable, match=r"nothing progressed for 5 s .* wait for resources .*needing \{'CPU'"):
             run_pipeline(stalled, tmp_path / "stalled")
         assert time.monotonic() - t0 < 60
     finally:
         ray.kill(hog)
+    # The stopped run's stages were cancelled: once the hog is gone, nothing of it takes the CPUs.
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # a leaked stage task would be scheduled by now
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert not (tmp_path / "stalled" / "experts").exists()
 
 
 def test_a_second_writer_on_the_same_output_fails_at_once(first_run, tmp_path):
@@ -207,13 +215,14 @@ def test_a_second_writer_on_the_same_output_fails_at_once(first_run, tmp_path):
 
 
 def test_failed_add_domain_leaves_the_run_as_it_was_and_can_be_retried(first_run, tmp_path):
-    """A new domain whose eval rows are bad fails the add-domain after its expert trained: the
-    previous config, report and artifact version stay, and fixing the file and retrying works."""
+    """A new domain whose eval rows are bad fails the add-domain at once, before anything trains:
+    the previous config, report and artifact version stay, and fixing the file and retrying works."""
     import shutil
 
+    from loramix.data import DataError
     from loramix.synthetic import make_rows, write_jsonl
     from loramix.versions import current
-    from pipelines.add_domain import add_domain
+    from pipelines.experts import add_domain
 
     cfg, root, _, _ = first_run
     out = tmp_path / "out"
@@ -223,10 +232,56 @@ def test_failed_add_domain_leaves_the_run_as_it_was_and_can_be_retried(first_run
     train = write_jsonl(make_rows("sort", 64, seed=0), tmp_path / "sort.train.jsonl")
     evals = tmp_path / "sort.eval.jsonl"
     evals.write_text('{"prompt": "sort abc=", "completion": 5}\n')  # not a string: a data error
-    with pytest.raises(RuntimeError, match="must be a string"):
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=r"`data.domains.\d+.eval`: .*row 1: field 'completion' must be a string"):
         add_domain(out, "sort", str(train), str(evals))
+    assert time.monotonic() - t0 < 10 and not (out / "experts" / "sort").exists()  # nothing trained
     assert {name: (out / name).read_bytes() for name in before} == before and current(out) == version
     write_jsonl(make_rows("sort", 8, seed=1), evals)
     report = add_domain(out, "sort", str(train), str(evals))  # not "already exists"
     assert report["domains"][-1] == "sort" and current(out) == version + 1
-    assert "expert/sort" in report["cached_stages"]  # the retry reused the expert the failed attempt trained
+
+
+def test_add_replace_and_remove_experts_publish_versions(first_run, tmp_path):
+    """A LoRA written by plain PEFT code joins the run (add-expert), an expert is retrained on new
+    rows (replace-expert) and one is dropped (remove-expert): each a new version recording what
+    changed, every other expert byte-identical, the router refreshed."""
+    import shutil
+
+    from loramix.synthetic import make_rows, write_jsonl
+    from loramix.versions import current, listing
+    from pipelines.experts import add_expert, remove_expert, replace_expert
+    from tests.test_adapters import plain_peft_lora
+
+    cfg, root, _, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out, symlinks=True, ignore=shutil.ignore_patterns("ray_storage", ".loramix.lock"))
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("baselines: true", "baselines: false"))  # faster: no baselines
+
+    def weights(version):  # expert name -> its adapter bytes in that version
+        folder = out / "artifacts" / f"v{version}" / "experts"
+        return {p.parent.name: p.read_bytes() for p in folder.rglob("adapter_model.safetensors")}
+
+    v0 = current(out)
+    train = write_jsonl(make_rows("swap", 64, seed=0), tmp_path / "swap.train.jsonl")
+    lora = plain_peft_lora(root / "out" / "base", tmp_path / "ext")  # the base the copied run names
+    evals = write_jsonl(make_rows("swap", 8, seed=1), tmp_path / "swap.eval.jsonl")
+    added = add_expert(out, "swap", str(lora), str(train), str(evals))
+    assert added["change"]["retrained_stages"] == ["expert/swap", "router"] and current(out) == v0 + 1
+    assert MixtureModel.from_pretrained(out / "artifact").expert_names == ["reverse", "rotate", "swap"]
+    assert listing(out)[-1]["changes"]["experts_added"] == ["swap"]
+    assert weights(v0 + 1)["swap"] == (lora / "adapter_model.safetensors").read_bytes()
+
+    rows = write_jsonl(make_rows("reverse", 64, seed=5), tmp_path / "reverse2.jsonl")
+    replaced = replace_expert(out, "reverse", train=str(rows))
+    assert replaced["change"]["retrained_stages"] == ["expert/reverse", "router"] and current(out) == v0 + 2
+    assert listing(out)[-1]["changes"]["experts_replaced"] == ["reverse"]
+
+    removed = remove_expert(out, "swap")
+    assert removed["change"]["retrained_stages"] == ["router"] and current(out) == v0 + 3
+    assert MixtureModel.from_pretrained(out / "artifact").expert_names == ["reverse", "rotate"]
+    w = {v: weights(v) for v in range(v0, v0 + 4)}
+    assert w[v0]["rotate"] == w[v0 + 1]["rotate"] == w[v0 + 2]["rotate"] == w[v0 + 3]["rotate"]  # untouched
+    assert w[v0 + 1]["reverse"] == w[v0]["reverse"] != w[v0 + 2]["reverse"] == w[v0 + 3]["reverse"]
+    assert "swap" not in w[v0 + 3] and set(removed["change"]["kept_domains"]) == {"reverse", "rotate"}

@@ -37,8 +37,13 @@ def ray_metrics():
     import ray
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=port,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
     yield port
     ray.shutdown()
 
@@ -105,10 +110,14 @@ def test_chat_models_and_streaming(world, client):
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
     chunks = list(
         client.completions.create(
-            model="loramix", prompt=text, max_tokens=8, temperature=0, stream=True,
+            model="loramix",
+            prompt=text,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
-    )  # fmt: skip
+    )
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert len(texts) > 1 and "".join(texts) == reference(world["engine"], text, 8)
     assert chunks[0].choices[0].route["expert_weights"] is not None
@@ -240,15 +249,76 @@ def test_prometheus_metrics_per_expert(world, client):
     assert scrape(world["metrics"], "ray_loramix_latency_s_count", expert="shift") >= 3
 
 
+# Requests that pass the schema's types but that a batch must not share: each is refused alone
+# (400 naming the field) while good requests in flight beside it answer as if alone.
+POISON = [
+    ('{"model": "loramix", "prompt": "sort ab=", "seed": 99999999999999999999}', "seed"),
+    ('{"model": "loramix", "prompt": "sort ab=", "temperature": 1e-30}', "temperature"),
+    ('{"model": "loramix", "prompt": "bad \\ud800 text"}', "prompt"),
+    ('{"model": "loramix", "prompt": "sort ab=", "stop": [""]}', "stop"),
+    ('{"model": "loramix", "prompt": "sort ab=", "logprobs": 2}', "logprobs"),
+    ("[" * 100_000 + "]" * 100_000, None),
+]
+
+
+def test_poisoned_requests_fail_alone_among_good_ones(world):
+    """Bad and good requests at once, so they share batches: every bad one gets a 4xx error
+    object, every good one its greedy answer, and no replica restarts."""
+    pid = handle_stats("fused")["pid"]
+    url, engine = world["url"] + "/v1/completions", world["engine"]
+    good = [(name, text) for name, text in PROMPTS.items()] * 3
+
+    def bad(body):
+        return requests.post(url, data=body.encode(), headers={"Content-Type": "application/json"}, timeout=60)
+
+    def ok(job):
+        body = {"model": "loramix", "prompt": job[1], "max_tokens": 8, "temperature": 0}
+        return requests.post(url, json=body, timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        bad_answers = [pool.submit(bad, body) for body, _ in POISON]
+        good_answers = [pool.submit(ok, job) for job in good]
+        bad_answers = [f.result() for f in bad_answers]
+        good_answers = [f.result() for f in good_answers]
+    for (body, param), r in zip(POISON, bad_answers):
+        assert 400 <= r.status_code < 500, (body[:80], r.status_code, r.text[:200])
+        error = r.json()["error"]
+        assert error["message"] and (param is None or error["param"] == param), (body[:80], error)
+    # weights whose sum overflows float64 are normalised safely (never NaN gates): an even mix
+    body = {"model": "loramix", "prompt": "sort ab=", "max_tokens": 8, "temperature": 0}
+    huge = requests.post(url, json={**body, "expert_weights": {"sort": 1e308, "shift": 1e308}}, timeout=60)
+    assert huge.status_code == 200 and huge.json()["choices"][0]["text"] == reference(
+        engine, "sort ab=", 8, [0, 0.5, 0.5]
+    )
+    for (name, text), r in zip(good, good_answers):
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference(engine, text, 8), (name, r.text)
+    assert handle_stats("fused")["pid"] == pid, "no replica restarted"
+
+
 # -------------------------------------------------------------------------------------- routed
 @pytest.fixture(scope="module")
 def routed(world):
     """The routed topology with an API key, deployed by the real `loramix serve` command."""
     import ray
 
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", world["artifact"], "--topology", "routed",
-           "--port", str(world["port"]), "--api-key", "sekret", "--detach",
-           "--address", ray.get_runtime_context().gcs_address, "route_threshold=0.6", *LIGHT]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "serve",
+        world["artifact"],
+        "--topology",
+        "routed",
+        "--port",
+        str(world["port"]),
+        "--api-key",
+        "sekret",
+        "--detach",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+        "route_threshold=0.6",
+        *LIGHT,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"at {world['url']}/v1" in done.stdout
@@ -284,8 +354,82 @@ def test_routed_dispatch_goes_to_the_expert_deployment(world, routed):
     assert pinned.choices[0].route["deployment"] == "expert:shift"
     assert pinned.choices[0].text == reference(engine, PROMPTS["reverse"], 8, onehot("shift"))
     mixed = routed.completions.create(
-        model="loramix", prompt=PROMPTS["reverse"], max_tokens=8, temperature=0,
+        model="loramix",
+        prompt=PROMPTS["reverse"],
+        max_tokens=8,
+        temperature=0,
         extra_body={"expert_weights": {"reverse": 1, "sort": 1}},
-    )  # fmt: skip
+    )
     assert mixed.choices[0].route["deployment"] == "fused"
     assert mixed.choices[0].text == reference(engine, PROMPTS["reverse"], 8, [0.5, 0.5, 0.0])
+
+
+# --------------------------------------------------------------------- overload and a crash (last:
+# they redeploy the app with their own limits)
+def post(url: str, body: dict, timeout: float = 60):
+    return requests.post(url + "/v1/completions", json=body, timeout=timeout)
+
+
+def redeploy_open(world, overrides=()) -> str:
+    """Redeploy the fused app without an API key and wait until the old (keyed) ingress replicas
+    are gone: a rolling update keeps them answering for a few seconds after `deploy` returns."""
+    from pipelines.serve import deploy, settings
+
+    cfg = settings(world["artifact"], LIGHT + list(overrides), port=world["port"], topology="fused")
+    url = deploy(world["artifact"], cfg)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(requests.get(url + "/v1/models", timeout=10).status_code == 200 for _ in range(5)):
+            return url
+        time.sleep(0.5)
+    raise AssertionError("the keyed ingress replicas were still answering after 60 s")
+
+
+def test_overload_is_answered_at_once_with_503_and_retry_after(world):
+    url = redeploy_open(world, ["fused.max_ongoing_requests=1", "fused.max_queued_requests=1", "max_batch_size=1"])
+    body = {"model": "loramix", "prompt": PROMPTS["sort"], "max_tokens": 48, "temperature": 1.0, "seed": 1}
+    answers = []
+    for _ in range(5):  # new limits reach the ingress's handle within seconds (a config push, no restart)
+        with ThreadPoolExecutor(24) as pool:
+            burst = list(pool.map(lambda _: post(url, body), range(24)))
+        answers += burst
+        if any(r.status_code == 503 for r in burst):
+            break
+        time.sleep(2)
+    statuses = sorted(r.status_code for r in answers)
+    assert set(statuses) == {200, 503}, statuses  # never a 500, never a hang (each call has a timeout)
+    for refused in (r for r in answers if r.status_code == 503):
+        assert "Retry-After" in refused.headers, (refused.headers, refused.text)
+        assert refused.json()["error"]["code"] == "overloaded"
+    assert post(url, {**body, "max_tokens": 4}).status_code == 200  # and it serves again once the burst is over
+
+
+def test_a_killed_replica_is_replaced_and_no_request_hangs(world):
+    """Kill the model replica: requests meanwhile get an error object (or wait for the new replica),
+    none hangs; Serve starts a new replica and answers are again the same greedy text."""
+    import ray
+
+    url, engine = redeploy_open(world), world["engine"]
+
+    def fused_replicas():
+        named = ray.util.list_named_actors(all_namespaces=True)
+        return [a for a in named if a["name"].startswith("SERVE_REPLICA::loramix#fused")]
+
+    deadline = time.monotonic() + 60
+    while len(fused_replicas()) != 1 and time.monotonic() < deadline:  # the rolling update has finished
+        time.sleep(0.5)
+    (replica,) = fused_replicas()
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    t0, statuses = time.monotonic(), []
+    body = {"model": "loramix", "prompt": PROMPTS["shift"], "max_tokens": 8, "temperature": 0}
+    while time.monotonic() - t0 < 90:
+        r = post(url, body, timeout=30)
+        statuses.append(r.status_code)
+        assert r.status_code == 200 or "error" in r.json(), r.text[:200]
+        if r.status_code == 200:
+            break
+        time.sleep(0.5)
+    recovery = time.monotonic() - t0
+    assert statuses[-1] == 200 and r.json()["choices"][0]["text"] == reference(engine, PROMPTS["shift"], 8)
+    assert requests.get(url + "/readyz").status_code == 200
+    print(f"\nreplica killed: serving again after {recovery:.1f} s, answers meanwhile: {statuses}")
