@@ -85,17 +85,24 @@ def run(configs, world: str, output: Path, overrides=()) -> dict:
 
 
 def table(results: dict) -> str:
+    """Two markdown tables: the configs side by side, then the mixture per domain."""
     lines = [
-        "| config | mixture | oracle | multitask | best merge | router acc | general (mixture / base) | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | mixture | oracle | multitask | best merge | router acc | general (mixture / base) "
+        "| expert params | expert steps | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         merge = f"{r['best_merge'][1]:.3f} ({r['best_merge'][0]})" if r["best_merge"] else "-"
         general = f"{r['general'].get('mixture', 0):.3f} / {r['general'].get('base', 0):.3f}"
+        steps = sum(r["expert_steps"].values())
         lines.append(
             f"| {name} | {r['mixture']:.3f} | {r['oracle']:.3f} | {r['multitask']:.3f} | {merge} | "
-            f"{r['router_accuracy']:.3f} | {general} | {r['seconds']:.0f} |"
+            f"{r['router_accuracy']:.3f} | {general} | {r['expert_params']:,} | {steps:,} | {r['seconds']:.0f} |"
         )
+    domains = list(next(iter(results.values()))["per_domain"]) if results else []
+    lines += ["", "| config | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['per_domain'][d]:.3f}" for d in domains) + " |")
     return "\n".join(lines)
 
 

@@ -61,8 +61,12 @@ def wait_with_bars(
     try:
         return _wait(refs, progress, poll_s, stall_timeout_s)
     except BaseException:
-        for ref in refs.values():
-            ray.cancel(ref, force=True, recursive=True)  # a killed stage task takes its trainer with it
+        done, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+        for ref in pending:
+            # Not force=True: force-killing a task that finishes at that moment aborts the driver
+            # (Ray 2.60, task_manager.cc "Check failed: it != submissible_tasks_.end()"). A pending
+            # task is dropped; a running one gets KeyboardInterrupt, which ends its trainer too.
+            ray.cancel(ref, recursive=True)
         raise
 
 

@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from ray import serve
 
+from loramix.checkpoint import read_manifest
 from loramix.serving import Engine, GenerationRequest, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,12 @@ async def _steps(iterator):
         yield step
 
 
-def _request(payload: dict) -> GenerationRequest | Exception:
+def _request(payload: dict, version: int | None) -> GenerationRequest | Exception:
     """A payload as a request, or the error building it (which then fails that request alone)."""
+    if payload.get("version") != version:
+        return ValueError(
+            f"version mismatch: the request is for v{payload.get('version')}, this replica serves v{version}"
+        )
     try:
         params = SamplingParams(**payload["params"])
         return GenerationRequest(payload["prompt_ids"], params, payload.get("expert_weights"))
@@ -55,6 +60,7 @@ class ModelDeployment:
 
     def __init__(self, artifact: str, expert: str | None = None, max_batch_size=16, batch_wait_timeout_s=0.01):
         self.engine = Engine.from_artifact(artifact, expert=expert)
+        self.version = (read_manifest(artifact).get("release") or {}).get("version")
         self.expert = expert
         self.requests = 0
         self._generate_batch.set_max_batch_size(max_batch_size)
@@ -72,7 +78,7 @@ class ModelDeployment:
         """Stream a batch: yields one list per step with a dict (new text/tokens), None (nothing
         new this step) or StopIteration (that request has finished) per request."""
         self.requests += len(payloads)
-        requests = [_request(p) for p in payloads]
+        requests = [_request(p, self.version) for p in payloads]
         finished = [False] * len(requests)
         async for step in _steps(self.engine.stream(requests)):
             out = []

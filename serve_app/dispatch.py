@@ -54,8 +54,10 @@ class Dispatcher:
         experts,
         *,
         sequence_router: bool = False,
+        version: int | None = None,
     ):
         self.cfg, self.expert_names, self.tokenizer = cfg, list(expert_names), tokenizer
+        self.version = version  # the artifact version every replica of this app loaded
         self.context_length = context_length
         self.fused, self.router, self.experts = fused, router, experts
         self.sequence_router = sequence_router  # its route is a fixed weight vector per prompt
@@ -188,17 +190,27 @@ class Dispatcher:
     async def deltas(self, plan: Plan):
         """Stream the plan's output: dicts ``{text, token_ids, finish_reason, route?}``."""
         handle, deployment, sent, known = await self._target(plan)
-        payload = {"prompt_ids": plan.prompt_ids, "params": _params(plan.params), "expert_weights": sent}
+        payload = {
+            "prompt_ids": plan.prompt_ids,
+            "params": _params(plan.params),
+            "expert_weights": sent,
+            "version": self.version,  # a replica of another version refuses it: weights index its experts
+        }
         first = True
         async for delta in handle.options(stream=True).generate.remote(payload):
             if delta is None:
                 continue
             if delta.get("error"):
+                if "version mismatch" in delta["error"]:  # an update is under way: retryable
+                    raise APIError(
+                        503, f"the endpoint is switching versions ({delta['error']}); retry.", code="version_mismatch"
+                    )
                 raise APIError(400, f"the model could not decode this request: {delta['error']}")
             if first:
                 weights = delta.get("route") or known
                 delta["route"] = {
                     "deployment": deployment,
+                    "version": self.version,
                     "pinned": plan.pinned,
                     "expert_weights": dict(zip(self.expert_names, weights)) if weights else None,
                 }

@@ -108,6 +108,7 @@ class IngressDeployment:
             router,
             experts or {},
             sequence_router=recipe is not None and ROUTERS[recipe].fixed_per_prompt,
+            version=(manifest.get("release") or {}).get("version"),
         )
         self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY")
         if self.api_key is not None and not self.api_key.strip():
@@ -212,7 +213,10 @@ class IngressDeployment:
         ids = [self.cfg.model_name] + [f"{self.cfg.model_name}:{n}" for n in self.dispatcher.expert_names]
         return {
             "object": "list",
-            "data": [{"id": i, "object": "model", "created": 0, "owned_by": "loramix"} for i in ids],
+            "data": [
+                {"id": i, "object": "model", "created": 0, "owned_by": "loramix", "version": self.dispatcher.version}
+                for i in ids
+            ],
         }
 
     @app.post("/v1/completions")

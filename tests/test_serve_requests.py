@@ -263,3 +263,16 @@ def test_blank_api_keys_are_errors_not_open_servers(monkeypatch):
     assert api_key_flag(None) == "k3y" and api_key_flag("flag") == "flag"
     monkeypatch.delenv("LORAMIX_API_KEY")
     assert api_key_flag(None) is None
+
+
+def test_a_replica_refuses_a_request_for_another_version():
+    """The ingress sends its artifact version with each request; a model replica of another
+    version (a restart mid-update) fails that request alone instead of indexing other experts."""
+    from serve_app.deployments import _request
+
+    payload = {"prompt_ids": [1, 2], "params": {"max_tokens": 2}, "expert_weights": None, "version": 1}
+    assert not isinstance(_request(payload, 1), Exception)
+    refused = _request(payload, 2)
+    assert isinstance(refused, ValueError) and "version mismatch: the request is for v1, this replica serves v2" in str(
+        refused
+    )

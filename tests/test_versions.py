@@ -66,3 +66,15 @@ def test_a_pre_versions_artifact_folder_is_kept_aside(staged, tmp_path):
     assert [p.name.startswith("legacy-") for p in (out / "artifacts").iterdir()].count(True) == 1
     with pytest.raises(ArtifactError, match="has no version 7 .it has v1."):
         path_of(out, 7)
+
+
+def test_expert_commands_check_their_flags_before_anything_runs(tmp_path, capsys):
+    from pipelines.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # argparse: a LoRA is what add-expert brings
+        main(["add-expert", str(tmp_path), "--name", "x", "--train", "t.jsonl", "--eval", "e.jsonl"])
+    assert exit_.value.code == 2 and "--adapter" in capsys.readouterr().err
+    assert main(["replace-expert", str(tmp_path), "--name", "x"]) == 2
+    assert "needs `--train` (retrain on these rows) or `--adapter`" in capsys.readouterr().err
+    assert main(["remove-expert", str(tmp_path), "--name", "x"]) == 2
+    assert "holds no finished run" in capsys.readouterr().err
