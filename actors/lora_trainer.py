@@ -15,10 +15,11 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from actors.lora_worker import WorkerConfig, deepspeed_template, train_lora_worker
+from actors.lora_worker import deepspeed_template, train_lora_worker
 from loramix import stages
 from loramix.artifact import atomic_dir, read_json
 from loramix.config import LoramixConfig
+from loramix.messages import WorkerConfig
 from loramix.plan import BaseResult, LoraResult
 
 

@@ -15,9 +15,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -28,30 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loramix import loops
 from loramix.config import ExpertConfig
 from loramix.data import pad_left
+from loramix.messages import WorkerConfig
 from loramix.trainees import build_trainee, save_trainee, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything a worker needs, built once by the trainer (the ``train_loop_config["worker"]``)."""
-
-    optim: ExpertConfig  # steps: the maximum (or the multitask budget)
-    base: str  # directory or hub id
-    tokenizer: str
-    dtype: str
-    ds_config: dict  # a configs/deepspeed template
-    trunk: str | None  # MoDULA-Res: the universal adapter under the expert
-    name: str  # the job, e.g. "expert/reverse"
-    seed: int
-    checkpoint_every: int
-    log_every: int
-    validate: bool = False  # a "val" dataset is passed: stop early on its loss
-    revision: str | None = None  # of a hub base
-    progress: Any = None  # a ProgressActor handle
 
 
 class DeepSpeedStepper:

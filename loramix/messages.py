@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from loramix.artifact import StageStore, file_digest
-from loramix.config import LoramixConfig
+from loramix.config import ExpertConfig, LoramixConfig
 
 Progress = Callable[[str, int], Callable]  # (job, total steps) -> report(metrics, ckpt)
 
@@ -124,3 +125,23 @@ class Context:
     @property
     def store(self) -> StageStore:
         return StageStore(self.out)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a LoRA trainer's worker needs (``actors/lora_worker.py``), built once by the
+    trainer and passed as ``train_loop_config["worker"]``."""
+
+    optim: ExpertConfig  # steps: the maximum (or the multitask budget)
+    base: str  # directory or hub id
+    tokenizer: str
+    dtype: str
+    ds_config: dict  # a configs/deepspeed template
+    trunk: str | None  # MoDULA-Res: the universal adapter under the expert
+    name: str  # the job, e.g. "expert/reverse"
+    seed: int
+    checkpoint_every: int
+    log_every: int
+    validate: bool = False  # a "val" dataset is passed: stop early on its loss
+    revision: str | None = None  # of a hub base
+    progress: Any = None  # a ProgressActor handle
