@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = (
     "model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
     "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=4 expert.batch_size=8 "
-    "router.steps=4 router.batch_size=8 data.eval_limit=4"
+    "router.steps=4 router.batch_size=8 data.eval_limit=4 baselines=false"
 )
 
 
@@ -90,8 +90,9 @@ def test_job_spreads_experts_over_both_nodes(two_nodes, tmp_path):
 
 def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
     cluster, url = two_nodes
-    # Two domains (three trainers with the multitask LoRA) keep this test to two slots of 1 CPU.
-    path = write_config(tmp_path, tasks=("reverse", "rotate"), **{"expert.steps": 30, "train.checkpoint_every": 4})
+    # Two domains and no baselines (two trainers) keep this test to two slots of 1 CPU and short.
+    over = {"expert.steps": 30, "train.checkpoint_every": 4, "baselines": False}
+    path = write_config(tmp_path, tasks=("reverse", "rotate"), **over)
     out = tmp_path / "out"
 
     def checkpointed_unfinished() -> set[str]:
