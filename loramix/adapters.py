@@ -28,6 +28,13 @@ def same_base(declared: str, base: str) -> bool:
     return Path(declared).exists() and Path(base).exists() and Path(declared).resolve() == Path(base).resolve()
 
 
+def copy_adapter(src: str | Path, dst: str | Path) -> None:
+    """Copy an adapter's two files (config + safetensors, nothing else) to ``dst``, atomically."""
+    with atomic_dir(dst) as tmp:
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(Path(src) / f, tmp / f)
+
+
 def check_adapter(name: str, path: str | Path, base: str, *, variant: str = "flan") -> Expert:
     """Load the PEFT LoRA at ``path`` as expert ``name`` and check it against ``base`` (a folder or
     hub id) without reading the base's weights.
@@ -62,9 +69,7 @@ def adapter_stage(ctx: Context, stage: AdapterStage, inputs: dict) -> LoraResult
     res = ctx.cfg.universal.enabled and ctx.cfg.universal.variant == "res"
     expert = check_adapter(name, stage.adapter, inputs["base"].base, variant="res" if res else "flan")
     out = ctx.out / stage.out_dir
-    with atomic_dir(out) as tmp:
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copy2(Path(stage.adapter) / f, tmp / f)
+    copy_adapter(stage.adapter, out)
     return LoraResult(
         path=str(out),
         steps=0,

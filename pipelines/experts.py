@@ -12,13 +12,13 @@ folder's config, report and current version stay the previous ones.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from loramix.artifact import atomic_dir, file_digest, read_json, write_json
+from loramix.adapters import copy_adapter
+from loramix.artifact import file_digest, read_json, write_json
 from loramix.config import ConfigError, DomainConfig, LoramixConfig, load_config
-from loramix.experts import CONFIG_FILE, WEIGHTS_FILE, Expert
+from loramix.experts import Expert
 from loramix.lock import output_lock
 from loramix.report import format_report
 from pipelines.run import run_pipeline
@@ -87,9 +87,7 @@ def stage_adapter(output: str | Path, name: str, adapter: str) -> str:
     Expert.from_dir(name, adapter)
     dst = Path(output).resolve() / "inputs" / "adapters" / file_digest(adapter)
     if not dst.exists():
-        with atomic_dir(dst) as tmp:
-            for f in (CONFIG_FILE, WEIGHTS_FILE):
-                shutil.copy2(Path(adapter) / f, tmp / f)
+        copy_adapter(adapter, dst)
     return str(dst)
 
 
