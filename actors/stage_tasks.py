@@ -3,15 +3,30 @@
 A task receives the stage (a small frozen dataclass), the :class:`~loramix.plan.Context` and its
 upstream results (Ray resolves them), runs the core body and marks the stage done. LoRA stages run
 on 0 CPUs: they tokenise and then wait on their ``TorchTrainer``, whose workers hold the resources.
+
+A run is stopped cooperatively, never with ``ray.cancel``: cancelling a task at the moment it
+finishes aborts the driver in Ray 2.60 (task_manager.cc "Check failed: it !=
+submissible_tasks_.end()", ray-project/ray#54846). The driver sets the ProgressActor's stop flag; a
+stage that has not started refuses to, and a running ``TorchTrainer.fit`` is interrupted the way
+Ctrl-C interrupts it (Ray Train then aborts its controller, worker group and placement group).
 """
 
 from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import threading
+from contextlib import contextmanager
 
 import ray
 
 from actors.lora_trainer import fit_lora
 from loramix import stages
 from loramix.plan import Context, LoraStage, Result, Stage
+
+logger = logging.getLogger(__name__)
 
 
 def poster(progress, every: int = 5):
@@ -27,19 +42,94 @@ def poster(progress, every: int = 5):
     return factory
 
 
+GONE = "the driver that started this run is gone"
+
+
+class Stopped(RuntimeError):
+    """The run this stage belongs to was stopped (another stage failed, Ctrl-C, or nothing could be scheduled)."""
+
+
+def stop_reason(progress) -> str | None:
+    """Why the run was stopped, or None while it goes on. A dead ProgressActor means its driver is gone."""
+    if progress is None:
+        return None
+    try:
+        return ray.get(progress.stopped.remote())
+    except ray.exceptions.RayActorError:
+        return GONE
+
+
+@contextmanager
+def stage_running(progress, name: str):
+    """Refuse to start a stopped run's stage; tell the driver which stages are running (it waits for them)."""
+    if progress is not None:
+        try:
+            reason = ray.get(progress.begin.remote(name))
+        except ray.exceptions.RayActorError:
+            reason = GONE
+        if reason is not None:
+            raise Stopped(f"stage `{name}` not started: the run was stopped ({reason})")
+    try:
+        yield
+    finally:
+        if progress is not None:
+            progress.end.remote(name)
+
+
+@contextmanager
+def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: float = 15.0):
+    """Run a ``TorchTrainer.fit`` that a stop interrupts like Ctrl-C.
+
+    A watcher thread polls the stop flag and raises SIGINT in the task's main thread, where Ray
+    Train's handler aborts the controller (its workers and placement group go with it). A controller
+    blocked waiting for a placement group that cannot be placed does not answer that for a minute or
+    more; after ``grace_s`` the task's process exits, which takes the controller it owns with it
+    (Ray retries the task, and the retry refuses to start: the run is stopped).
+    """
+    done, lock = threading.Event(), threading.Lock()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if stop_reason(progress) is not None:
+                with lock:
+                    if done.is_set():
+                        return
+                    _thread.interrupt_main(signal.SIGINT)
+                if not done.wait(grace_s):
+                    logger.warning("stage `%s`: Ray Train did not abort in %.0f s; exiting its task", name, grace_s)
+                    os._exit(1)
+                return
+
+    if progress is not None:
+        threading.Thread(target=watch, name=f"stop-watch-{name}", daemon=True).start()
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        reason = stop_reason(progress)
+        if reason is None:
+            raise
+        raise Stopped(f"stage `{name}` interrupted: the run was stopped ({reason})") from None
+    finally:
+        with lock:
+            done.set()
+
+
 @ray.remote
 def run_stage(stage: Stage, ctx: Context, digest: str, progress, *upstream: Result) -> Result:
-    result = stage.run(ctx, dict(zip(stage.deps, upstream)), poster(progress))
-    ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
+    with stage_running(progress, stage.name):
+        result = stage.run(ctx, dict(zip(stage.deps, upstream)), poster(progress))
+        ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
     return result
 
 
 @ray.remote(num_cpus=0)
 def run_lora_stage(stage: LoraStage, ctx: Context, digest: str, progress, *upstream: Result) -> Result:
-    inputs = dict(zip(stage.deps, upstream))
-    spec = stages.lora_spec(ctx, stage, inputs)
-    result = fit_lora(spec, ctx.cfg, inputs["base"], f"{stage.name.replace('/', '-')}-{digest}", progress)
-    ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
+    with stage_running(progress, stage.name):
+        inputs = dict(zip(stage.deps, upstream))
+        spec = stages.lora_spec(ctx, stage, inputs)
+        with interrupted_when_stopped(progress, stage.name):
+            result = fit_lora(spec, ctx.cfg, inputs["base"], f"{stage.name.replace('/', '-')}-{digest}", progress)
+        ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
     return result
 
 

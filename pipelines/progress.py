@@ -55,19 +55,30 @@ def wait_with_bars(
 
     Returns:
         name -> result. The first failing future raises (with the job's name in the message);
-        then, as on Ctrl-C or :class:`Unschedulable`, every future still pending is cancelled, so
-        no trainer of a failed run goes on holding the cluster's CPUs.
+        then, as on Ctrl-C or :class:`Unschedulable`, the run is stopped (:func:`stop_run`), so no
+        trainer of a failed run goes on holding the cluster's CPUs.
     """
     try:
         return _wait(refs, progress, poll_s, stall_timeout_s)
-    except BaseException:
-        done, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
-        for ref in pending:
-            # Not force=True: force-killing a task that finishes at that moment aborts the driver
-            # (Ray 2.60, task_manager.cc "Check failed: it != submissible_tasks_.end()"). A pending
-            # task is dropped; a running one gets KeyboardInterrupt, which ends its trainer too.
-            ray.cancel(ref, recursive=True)
+    except BaseException as err:
+        stop_run(refs, progress, f"{type(err).__name__}: {err}"[:300])
         raise
+
+
+def stop_run(refs: dict[str, ray.ObjectRef], progress, reason: str, settle_s: float = 60.0) -> None:
+    """Set the run's stop flag and wait (at most ``settle_s``) for its running stages to end.
+
+    Stages not started yet refuse to start once they are scheduled; running trainers are aborted by
+    their stage task (``actors.stage_tasks``). Never ``ray.cancel``: cancelling a task as it finishes
+    aborts the driver in Ray 2.60 (task_manager.cc "Check failed: it != submissible_tasks_.end()").
+    """
+    progress.stop.remote(reason)
+    deadline = time.monotonic() + settle_s
+    pending = list(refs.values())
+    while pending and time.monotonic() < deadline:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        if not ray.get(progress.snapshot.remote())["running"]:
+            return
 
 
 def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout_s: float | None) -> dict:

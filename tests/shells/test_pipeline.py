@@ -191,6 +191,58 @@ def test_work_that_can_never_be_scheduled_stops_with_a_message(first_run, tmp_pa
     assert not (tmp_path / "stalled" / "experts").exists()
 
 
+def test_a_stop_aborts_running_and_waiting_trainers_without_cancelling_tasks(ray_local, tmp_path):
+    """What a failed stage or Ctrl-C does to the rest of a run: a training `TorchTrainer` and one
+    whose placement group can never be placed are both aborted through the stop flag (never
+    `ray.cancel`, whose race with a finishing task aborts the driver), within seconds, and every CPU
+    comes back."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.progress import ProgressActor
+    from actors.stage_tasks import Stopped, interrupted_when_stopped, stage_running
+    from pipelines.progress import stop_run
+
+    def sleep_forever(config):  # nested: pickled by value (pytest's module names do not import on workers)
+        time.sleep(600)
+
+    @ray.remote(num_cpus=0)
+    def stage(progress, name: str, cpus: float):
+        with stage_running(progress, name), interrupted_when_stopped(progress, name, poll_s=0.2):
+            TorchTrainer(
+                sleep_forever,
+                scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+                run_config=RunConfig(name=name, storage_path=str(tmp_path)),
+            ).fit()
+
+    progress = ProgressActor.remote()
+    refs = {"training": stage.remote(progress, "training", 1), "waiting": stage.remote(progress, "waiting", 64)}
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) > ray.cluster_resources()["CPU"] - 1:  # the worker holds its CPU
+        assert time.monotonic() < deadline, "the trainer never started"
+        for ref in ray.wait(list(refs.values()), timeout=0.2)[0]:
+            ray.get(ref)  # a stage that ended before the stop: show why
+    assert ray.get(progress.snapshot.remote())["running"] == ["training", "waiting"]
+    t0 = time.monotonic()
+    stop_run(refs, progress, "test stop")
+    for name, ref in refs.items():
+        # `training` is interrupted; `waiting` (its controller deaf while it waits for the placement group)
+        # has its task exit, and Ray's retry of it refuses to start.
+        with pytest.raises(Stopped, match=f"stage `{name}` .*the run was stopped \\(test stop\\)"):
+            ray.get(ref, timeout=30)
+    assert time.monotonic() - t0 < 30
+    assert ray.get(progress.snapshot.remote())["running"] == []
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+    assert all(pg["state"] != "CREATED" for pg in ray.util.placement_group_table().values())
+    # A stage scheduled after the stop refuses to start.
+    with pytest.raises(Stopped, match="stage `late` not started"):
+        ray.get(stage.remote(progress, "late", 1), timeout=30)
+
+
 def test_a_second_writer_on_the_same_output_fails_at_once(first_run, tmp_path):
     import os
     import socket
