@@ -8,7 +8,8 @@ loramix replace-expert OUTPUT --name NAME (--train PATH | --adapter DIR)  /  rem
 loramix demo CONFIG [--output DIR] [key.path=value ...]   the same stages in-process, no Ray
 loramix demo-data DIR [--tasks reverse sort ...]            write the demo JSONL files
 loramix serve ARTIFACT [--topology fused|routed] [--host H] [--port P] [--address A] [--api-key K]
-loramix serve-config ARTIFACT [--output FILE] [key.path=value ...]   Serve YAML for `serve deploy`
+loramix serve-update OUTPUT --version N [--address A]     move the running app to version N (no downtime)
+loramix serve-config ARTIFACT [--version N] [--output FILE] [key.path=value ...]   Serve YAML for `serve deploy`
 loramix config-help                                        every config key, default and meaning
 """
 
@@ -144,11 +145,11 @@ def _serve(args) -> int:
     from pipelines import serve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
     serve.check_detach(args.address, args.detach)  # flags first: before any file is read
-    artifact = str(resolve(args.artifact, args.version))
+    artifact = str(resolve(args.artifact, args.version))  # that version's serve settings
     key = serve.api_key_flag(args.api_key)
     flags = dict(topology=args.topology, host=args.host, port=args.port, api_key=key)
     cfg = serve.settings(artifact, args.overrides, **flags)
-    serve.serve_forever(artifact, cfg, args.address, detach=args.detach)
+    serve.serve_forever(args.artifact, cfg, args.address, version=args.version, detach=args.detach)
     return 0
 
 
@@ -156,11 +157,18 @@ def _serve_config(args) -> int:
     from loramix.versions import resolve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
     from pipelines import serve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
 
-    serve.check_detach(args.address, args.detach)  # flags first: before any file is read
-    artifact = str(resolve(args.artifact, args.version))
+    artifact = str(resolve(args.artifact, args.version))  # that version's serve settings
     cfg = serve.settings(artifact, args.overrides, topology=args.topology)
-    text = serve.write_serve_config(artifact, cfg, args.output)
+    text = serve.write_serve_config(args.artifact, cfg, args.output, version=args.version)
     print(f"wrote {args.output}" if args.output else text, end="\n" if args.output else "")
+    return 0
+
+
+def _serve_update(args) -> int:
+    from pipelines import serve  # lazy: `loramix --help` and config errors answer without loading torch/Ray
+
+    moved = serve.update(args.run, args.version, args.address)
+    print(f"serving v{moved['to']} (was v{moved['from']}); the switch took {moved['seconds']:.1f} s", flush=True)
     return 0
 
 
@@ -266,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", help="serve settings, e.g. experts.num_gpus=1 route_threshold=0.9")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("serve-update", help="move the running app to another version of its run (rolling, no downtime)")
+    p.add_argument("run", help="the run folder the app serves (OUTPUT)")
+    p.add_argument("--version", type=int, required=True, help="the version to serve (`loramix versions OUTPUT`)")
+    p.add_argument("--address", help="the cluster the app runs on (default: RAY_ADDRESS)")
+    p.set_defaults(func=_serve_update)
     p = sub.add_parser("serve-config", help="write a Serve config YAML (`serve deploy`) for an artifact")
     p.add_argument("artifact", help="a run folder, OUTPUT/artifact or OUTPUT/artifacts/vN")
     p.add_argument("--version", type=int, help="that version of the run (default: the current one)")

@@ -21,6 +21,7 @@ from ray.serve.schema import ApplicationStatus
 
 from loramix.config import ConfigError, apply_overrides
 from loramix.serve_config import ServeConfig
+from loramix.versions import resolve, verify
 from pipelines.run import connect
 from serve_app.app import build_app, deployments, initial_replicas, load_serve_config, resource_demand, serve_config
 
@@ -85,27 +86,64 @@ def _section(deployment: str) -> str:
     return "experts" if deployment.startswith("expert-") else deployment
 
 
-def deploy(artifact: str, cfg: ServeConfig, address: str | None = None, *, start_timeout_s: float = 120.0) -> str:
-    """Start (or update) the application and wait until it runs; returns its base URL.
+def deploy(
+    artifact: str, cfg: ServeConfig, address: str | None = None, *, version: int | None = None, start_timeout_s=120.0
+) -> str:
+    """Start (or update) the application serving ``version`` of ``artifact`` (default: the one it
+    names) and wait until it runs; returns its base URL.
 
     On a local instance (no autoscaler) the replicas are first fitted to its CPUs; an app still not
     running after ``start_timeout_s`` is an error naming the deployments it waits for.
     """
 
-    artifact = str(Path(artifact).resolve())
+    source = os.path.abspath(artifact)
     local = connect(address)
     if local:
         resources = ray.cluster_resources()
-        cfg = fit_to_cluster(artifact, cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        cfg = fit_to_cluster(str(resolve(source, version)), cfg, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
-    app = build_app({"artifact": artifact, "serve": cfg.model_dump()})
-    # serve.run waits for the app inside a thread: this one stays free to notice Ctrl-C and time-outs.
-    options = {"name": APP_NAME, "route_prefix": "/"}
-    thread = threading.Thread(target=serve.run, args=(app,), kwargs=options, daemon=True)
-    thread.start()
+    run_app(build_app({"artifact": source, "version": version, "serve": cfg.model_dump()}))
     wait_running(start_timeout_s if local else None)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}"
+
+
+def run_app(app) -> None:
+    """``serve.run`` in a thread (it waits for the app): this one stays free to notice Ctrl-C and time-outs."""
+    options = {"name": APP_NAME, "route_prefix": "/"}
+    threading.Thread(target=serve.run, args=(app,), kwargs=options, daemon=True).start()
+
+
+def update(run: str, version: int, address: str | None = None, *, timeout_s: float = 300.0) -> dict:
+    """``loramix serve-update``: move the app running on the cluster to ``version`` of ``run``.
+
+    The app is rebuilt from the source and settings its ingress reports, so only the version
+    differs: Serve reconfigures the replicas in place (:func:`serve_app.app.build_app`). Requests
+    planned before the switch finish on the old version, later ones use the new one; nothing is
+    refused. Returns ``{"from", "to", "seconds"}``.
+    """
+    target = resolve(run, version)  # the version exists ...
+    verify(target)  # ... and is whole, before the running app is touched
+    cluster = address or os.environ.get("RAY_ADDRESS")
+    if not cluster and not ray.is_initialized():
+        raise ConfigError(
+            "`serve-update` changes an app running on a cluster: pass --address or set RAY_ADDRESS "
+            "(the cluster `loramix serve --detach` deployed to)."
+        )
+    connect(address)
+    if APP_NAME not in serve.status().applications:
+        raise ConfigError(f"no `{APP_NAME}` app runs on this cluster; start one with `loramix serve {run} --detach`.")
+    running = serve.get_app_handle(APP_NAME).describe.remote().result()
+    if resolve(running["source"], version) != target:
+        raise ConfigError(
+            f"the running app serves {running['source']!r}, not {str(run)!r}: serve-update moves an app between "
+            "versions of one run; start the other run with `loramix serve`."
+        )
+    t0 = time.perf_counter()
+    run_app(build_app({"artifact": running["source"], "version": version, "serve": running["serve"]}))
+    time.sleep(1.0)  # let the controller take the new config before waiting for it to settle
+    wait_running(timeout_s)
+    return {"from": running["version"], "to": version, "seconds": time.perf_counter() - t0}
 
 
 def wait_running(timeout_s: float | None, poll_s: float = 1.0) -> None:
@@ -147,7 +185,9 @@ def check_detach(address: str | None, detach: bool) -> str | None:
     return cluster
 
 
-def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *, detach: bool = False) -> str:
+def serve_forever(
+    artifact: str, cfg: ServeConfig, address: str | None = None, *, version: int | None = None, detach: bool = False
+) -> str:
     """Deploy, print the URL, then block until Ctrl-C (``detach``: return, leaving the app up)."""
     cluster = check_detach(address, detach)
     if cfg.api_key is None and cfg.host not in LOOPBACK:
@@ -157,8 +197,9 @@ def serve_forever(artifact: str, cfg: ServeConfig, address: str | None = None, *
             file=sys.stderr,
         )
     try:
-        url = deploy(artifact, cfg, address)
-        print(f"serving {artifact} ({cfg.topology}) at {url}/v1  (OpenAI-compatible; {url}/healthz)", flush=True)
+        url = deploy(artifact, cfg, address, version=version)
+        served = resolve(artifact, version)
+        print(f"serving {served} ({cfg.topology}) at {url}/v1  (OpenAI-compatible; {url}/healthz)", flush=True)
         if detach:
             return url
         while True:
@@ -188,8 +229,10 @@ def stop(cluster: str | None) -> None:
         ray.shutdown()
 
 
-def write_serve_config(artifact: str, cfg: ServeConfig, output: str | None = None) -> str:
-    text = yaml.safe_dump(serve_config(artifact, cfg), sort_keys=False)
+def write_serve_config(
+    artifact: str, cfg: ServeConfig, output: str | None = None, *, version: int | None = None
+) -> str:
+    text = yaml.safe_dump(serve_config(artifact, cfg, version=version), sort_keys=False)
     header = (
         "# Ray Serve config for a loramix mixture: `serve deploy THIS.yaml` (cluster) or `serve run THIS.yaml`.\n"
         "# Set LORAMIX_API_KEY in the cluster's environment to require a key.\n"

@@ -3,13 +3,14 @@
     serve run serve_app.app:build_app artifact=out/quickstart/artifact
     loramix serve-config out/quickstart/artifact > serve.yaml && serve deploy serve.yaml
 
-``build_app`` is a Serve application builder: ``args`` are ``artifact`` (required) and
-``serve`` (a ``ServeConfig`` dict; default: the artifact's ``serve.json`` written by
+``build_app`` is a Serve application builder: ``args`` are ``artifact`` (required), ``version``
+and ``serve`` (a ``ServeConfig`` dict; default: the artifact's ``serve.json`` written by
 ``loramix run``, else the defaults).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -90,7 +91,14 @@ def resource_demand(artifact: str, cfg: ServeConfig) -> dict[str, float]:
 
 
 def build_app(args: dict):
-    """Serve application builder (``import_path: serve_app.app:build_app``)."""
+    """Serve application builder (``import_path: serve_app.app:build_app``).
+
+    ``args``: ``artifact`` (a run folder, ``OUTPUT/artifact`` or ``OUTPUT/artifacts/vN``: the app's
+    source), ``version`` (default: the one ``artifact`` names) and ``serve`` (settings). The
+    deployments' init args do not depend on the version; it reaches them as ``user_config:
+    {version: N}``, and every request carries the version it was planned for, so replicas of
+    different versions side by side during an update (``loramix serve-update``) never mix them.
+    """
     from serve_app.deployments import (  # the deployments import torch; building the app's config does not
         ModelDeployment,
         RouterDeployment,
@@ -99,31 +107,40 @@ def build_app(args: dict):
 
     if "artifact" not in args:
         raise ConfigError("build_app needs `artifact`: a run folder, OUTPUT/artifact or OUTPUT/artifacts/vN.")
-    # The concrete version folder: every replica loads that version, whatever the pointer says later.
-    artifact = str(resolve(args["artifact"], args.get("version")))
+    source = os.path.abspath(args["artifact"])
+    artifact = resolve(source, args.get("version"))
     manifest = read_manifest(artifact)
+    live = {"user_config": {"version": (manifest.get("release") or {}).get("version")}}
     cfg = load_serve_config(artifact, args.get("serve"))
     if cfg.topology == "routed" and manifest.get("router") is None:
         raise ConfigError(f"{artifact!r} has no router, so `serve.topology: routed` cannot dispatch; use `fused`.")
     opts = deployments(artifact, cfg)
     batching = (cfg.max_batch_size, cfg.batch_wait_timeout_s)
-    fused = ModelDeployment.options(name="fused", **opts["fused"]).bind(artifact, None, *batching)
+
+    def bind(cls, name: str, *init):
+        return cls.options(name=name, **live, **opts[name]).bind(*init)
+
+    fused = bind(ModelDeployment, "fused", source, None, *batching)
     router, experts = None, {}
     if cfg.topology == "routed":
-        router = RouterDeployment.options(name="router", **opts["router"]).bind(artifact, *batching)
-        for expert in manifest["expert_names"]:
-            name = expert_deployment_name(expert)
-            experts[expert] = ModelDeployment.options(name=name, **opts[name]).bind(artifact, expert, *batching)
-    return IngressDeployment.options(name="ingress", **opts["ingress"]).bind(
-        artifact, cfg.model_dump(), fused, router, experts
-    )
+        router = bind(RouterDeployment, "router", source, *batching)
+        experts = {
+            e: bind(ModelDeployment, expert_deployment_name(e), source, e, *batching) for e in manifest["expert_names"]
+        }
+    return bind(IngressDeployment, "ingress", source, cfg.model_dump(), fused, router, experts)
 
 
-def serve_config(artifact: str | Path, cfg: ServeConfig, *, app_name: str = "loramix") -> dict:
-    """A Serve config (``serve run`` / ``serve deploy``) for ``artifact``; the API key is left
-    out on purpose: set ``LORAMIX_API_KEY`` in the cluster's environment instead."""
-    artifact = str(Path(artifact).resolve())
+def serve_config(
+    artifact: str | Path, cfg: ServeConfig, *, version: int | None = None, app_name: str = "loramix"
+) -> dict:
+    """A Serve config (``serve run`` / ``serve deploy``) for ``version`` of ``artifact`` (default: the
+    one it names); the API key is left out on purpose: set ``LORAMIX_API_KEY`` in the cluster's
+    environment instead. Deploying the config of another version over it is a rolling update."""
+    source = os.path.abspath(artifact)
+    concrete = resolve(source, version)
+    version = (read_manifest(concrete).get("release") or {}).get("version")
     settings = cfg.model_dump(exclude={"api_key"})
+    live = {"user_config": {"version": version}}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s},
@@ -132,8 +149,8 @@ def serve_config(artifact: str | Path, cfg: ServeConfig, *, app_name: str = "lor
                 "name": app_name,
                 "route_prefix": "/",
                 "import_path": "serve_app.app:build_app",
-                "args": {"artifact": artifact, "serve": settings},
-                "deployments": [{"name": name, **opts} for name, opts in deployments(artifact, cfg).items()],
+                "args": {"artifact": source, "version": version, "serve": settings},
+                "deployments": [{"name": name, **opts, **live} for name, opts in deployments(concrete, cfg).items()],
             }
         ],
     }

@@ -57,7 +57,7 @@ class Dispatcher:
         version: int | None = None,
     ):
         self.cfg, self.expert_names, self.tokenizer = cfg, list(expert_names), tokenizer
-        self.version = version  # the artifact version every replica of this app loaded
+        self.version = version  # the artifact version this dispatcher plans for; replicas decode with it
         self.context_length = context_length
         self.fused, self.router, self.experts = fused, router, experts
         self.sequence_router = sequence_router  # its route is a fixed weight vector per prompt
@@ -180,7 +180,7 @@ class Dispatcher:
             return self.fused, "fused", plan.weights, plan.weights
         if plan.pinned is not None:
             return self.experts[plan.pinned], f"expert:{plan.pinned}", None, plan.weights
-        route = await self.router.route.remote(plan.prompt_ids)
+        route = await self.router.route.remote({"prompt_ids": plan.prompt_ids, "version": self.version})
         top = max(range(len(route)), key=route.__getitem__)
         if route[top] >= self.cfg.route_threshold:
             name = self.expert_names[top]
@@ -194,17 +194,15 @@ class Dispatcher:
             "prompt_ids": plan.prompt_ids,
             "params": _params(plan.params),
             "expert_weights": sent,
-            "version": self.version,  # a replica of another version refuses it: weights index its experts
+            "version": self.version,  # the replica decodes it with this version: weights index its experts
         }
         first = True
         async for delta in handle.options(stream=True).generate.remote(payload):
             if delta is None:
                 continue
             if delta.get("error"):
-                if "version mismatch" in delta["error"]:  # an update is under way: retryable
-                    raise APIError(
-                        503, f"the endpoint is switching versions ({delta['error']}); retry.", code="version_mismatch"
-                    )
+                if delta["error"].startswith("artifact v"):  # that version's files are gone or changed
+                    raise APIError(503, f"{delta['error']}; retry.", code="version_unavailable")
                 raise APIError(400, f"the model could not decode this request: {delta['error']}")
             if first:
                 weights = delta.get("route") or known

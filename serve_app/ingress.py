@@ -19,7 +19,6 @@ import logging
 import os
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -31,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer
 from loramix.checkpoint import read_manifest, resolve_base
 from loramix.routers import ROUTERS
 from loramix.serve_config import ServeConfig
+from loramix.versions import resolve
 from serve_app.dispatch import Dispatcher, Plan
 from serve_app.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse
 
@@ -86,30 +86,20 @@ class IngressDeployment:
     """Validates and dispatches requests to the model deployments.
 
     Args:
-        artifact: the mixture folder (read for expert names, tokenizer and context length).
+        source: the run folder or artifact the app was started from (read for expert names,
+            tokenizer and context length of the version it serves).
         serve_config: a :class:`ServeConfig` as a dict.
         fused, router, experts: handles of the fused deployment, the router deployment and
             each expert's deployment (the last two only in the routed topology).
+
+    ``user_config: {version: N}`` sets the version new requests are planned for; a request keeps
+    the version it was planned for until it ends (the model replicas decode it with that one).
     """
 
-    def __init__(self, artifact: str, serve_config: dict, fused, router=None, experts: dict | None = None):
-
+    def __init__(self, source: str, serve_config: dict, fused, router=None, experts: dict | None = None):
         self.cfg = ServeConfig(**serve_config)
-        manifest = read_manifest(artifact)
-        self.tokenizer = AutoTokenizer.from_pretrained(Path(artifact) / "tokenizer")
-        base_config = AutoConfig.from_pretrained(resolve_base(manifest["base_model"], Path(artifact)))
-        recipe = (manifest.get("router") or {}).get("recipe")
-        self.dispatcher = Dispatcher(
-            self.cfg,
-            manifest["expert_names"],
-            self.tokenizer,
-            base_config.max_position_embeddings,
-            fused,
-            router,
-            experts or {},
-            sequence_router=recipe is not None and ROUTERS[recipe].fixed_per_prompt,
-            version=(manifest.get("release") or {}).get("version"),
-        )
+        self.source, self.handles = source, (fused, router, experts or {})
+        self.dispatcher = self._dispatcher(None)
         self.api_key = self.cfg.api_key or os.environ.get("LORAMIX_API_KEY")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("LORAMIX_API_KEY is set but blank, which would leave the server open; set a real key.")
@@ -123,6 +113,31 @@ class IngressDeployment:
             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
             tag_keys=tags,
         )
+
+    def _dispatcher(self, version: int | None) -> Dispatcher:
+        artifact = resolve(self.source, version)
+        manifest = read_manifest(artifact)
+        tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer")
+        base_config = AutoConfig.from_pretrained(resolve_base(manifest["base_model"], artifact))
+        recipe = (manifest.get("router") or {}).get("recipe")
+        return Dispatcher(
+            self.cfg,
+            manifest["expert_names"],
+            tokenizer,
+            base_config.max_position_embeddings,
+            *self.handles,
+            sequence_router=recipe is not None and ROUTERS[recipe].fixed_per_prompt,
+            version=(manifest.get("release") or {}).get("version"),
+        )
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve's lightweight update (``loramix serve-update``): plan new requests for another version."""
+        self.dispatcher = await asyncio.to_thread(self._dispatcher, user_config.get("version"))
+        logger.info("serving artifact v%s", self.dispatcher.version)
+
+    def describe(self) -> dict:
+        """What ``loramix serve-update`` rebuilds the app from: the same source and settings."""
+        return {"source": self.source, "serve": self.cfg.model_dump(), "version": self.dispatcher.version}
 
     # -------------------------------------------------------------------------------- plumbing
     def _auth(self, request: Request) -> None:
@@ -158,20 +173,20 @@ class IngressDeployment:
         self.m_tokens.inc(result["completion_tokens"], tags)
         self.m_latency.observe(time.perf_counter() - start, tags)
 
-    async def _run(self, plan: Plan) -> dict:
+    async def _run(self, d: Dispatcher, plan: Plan) -> dict:
         start = time.perf_counter()
         try:
-            result = await self.dispatcher.collect(plan)
+            result = await d.collect(plan)
         except BackPressureError as exc:  # as an APIError: Serve answers a raw one itself, in plain text
             raise internal_error(exc) from None
         self._observe(plan, result, start)
         return result
 
-    async def _stream(self, plan: Plan, chunk, include_usage: bool):
+    async def _stream(self, d: Dispatcher, plan: Plan, chunk, include_usage: bool):
         start, result = time.perf_counter(), None
         try:
-            async for delta in self.dispatcher.deltas(plan):
-                result = self.dispatcher.accumulate(result, delta)
+            async for delta in d.deltas(plan):
+                result = d.accumulate(result, delta)
                 yield _sse(chunk(delta))
         except Exception as exc:  # the headers are sent: the error goes into the stream
             error = internal_error(exc)
@@ -210,12 +225,12 @@ class IngressDeployment:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._auth(request)
-        ids = [self.cfg.model_name] + [f"{self.cfg.model_name}:{n}" for n in self.dispatcher.expert_names]
+        d = self.dispatcher
+        ids = [self.cfg.model_name] + [f"{self.cfg.model_name}:{n}" for n in d.expert_names]
         return {
             "object": "list",
             "data": [
-                {"id": i, "object": "model", "created": 0, "owned_by": "loramix", "version": self.dispatcher.version}
-                for i in ids
+                {"id": i, "object": "model", "created": 0, "owned_by": "loramix", "version": d.version} for i in ids
             ],
         }
 
@@ -225,10 +240,11 @@ class IngressDeployment:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "`prompt` is an empty list; send at least one prompt.", param="prompt")
-        self.dispatcher.check_prompts(len(prompts))
+        d = self.dispatcher  # this request's version, whatever an update does meanwhile
+        d.check_prompts(len(prompts))
         # Tokenising is CPU work: off the event loop, which keeps serving other requests meanwhile.
-        ids = await asyncio.to_thread(lambda: [self.dispatcher.encode(p) for p in prompts])
-        plans = self.dispatcher.plan(body, ids, "prompt")
+        ids = await asyncio.to_thread(lambda: [d.encode(p) for p in prompts])
+        plans = d.plan(body, ids, "prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta):
@@ -245,8 +261,10 @@ class IngressDeployment:
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(plans[0], _none_safe(chunk), include), media_type="text/event-stream")
-        results = await asyncio.gather(*[self._run(p) for p in plans])  # they batch together in the replicas
+            return StreamingResponse(
+                self._stream(d, plans[0], _none_safe(chunk), include), media_type="text/event-stream"
+            )
+        results = await asyncio.gather(*[self._run(d, p) for p in plans])  # they batch together in the replicas
         choices = [
             {"index": i, "text": r["text"], "finish_reason": r["finish_reason"], "logprobs": None, "route": r["route"]}
             for i, r in enumerate(results)
@@ -266,8 +284,9 @@ class IngressDeployment:
         body = await self._body(request, ChatCompletionRequest)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        ids = await asyncio.to_thread(self.dispatcher.chat_prompt, body.messages)
-        plans = self.dispatcher.plan(body, [ids], "messages")
+        d = self.dispatcher  # this request's version, whatever an update does meanwhile
+        ids = await asyncio.to_thread(d.chat_prompt, body.messages)
+        plans = d.plan(body, [ids], "messages")
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         first = {"sent": False}
 
@@ -288,8 +307,10 @@ class IngressDeployment:
 
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(plans[0], _none_safe(chunk), include), media_type="text/event-stream")
-        r = await self._run(plans[0])
+            return StreamingResponse(
+                self._stream(d, plans[0], _none_safe(chunk), include), media_type="text/event-stream"
+            )
+        r = await self._run(d, plans[0])
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": r["text"]},

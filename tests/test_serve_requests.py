@@ -142,6 +142,24 @@ def test_serve_config_passes_rays_schema(tmp_path):
     assert all(d.ray_actor_options.num_gpus == 1 for d in app.deployments if d.name.startswith("expert-"))
 
 
+def test_serve_config_of_a_version_pins_it_in_every_deployment(tmp_path):
+    """`loramix serve-config RUN --version N`: the source stays the run (replicas find every version
+    there) and each deployment's `user_config` names N, which is what `serve deploy` updates."""
+    from loramix.versions import publish
+
+    run = tmp_path / "run"
+    publish(run, demo_artifact(tmp_path / "one", router_steps=1))
+    publish(run, demo_artifact(tmp_path / "two", experts=("reverse", "sort"), router_steps=1))
+    cfg = load_serve_config(run / "artifact", {"topology": "routed"})
+    (app,) = serve_config(run, cfg, version=1)["applications"]
+    assert app["args"]["artifact"] == str(run) and app["args"]["version"] == 1
+    assert {d["name"] for d in app["deployments"]} >= {"expert-reverse", "expert-sort", "expert-shift"}
+    assert all(d["user_config"] == {"version": 1} for d in app["deployments"])
+    (app,) = serve_config(run, cfg)["applications"]  # default: the version the run's pointer names
+    assert all(d["user_config"] == {"version": 2} for d in app["deployments"])
+    assert "expert-shift" not in {d["name"] for d in app["deployments"]}
+
+
 def test_bad_serve_settings_are_config_errors(tmp_path):
     art = demo_artifact(tmp_path / "artifact", router_steps=1)
     with pytest.raises(ConfigError, match="route_threshold"):
@@ -265,14 +283,52 @@ def test_blank_api_keys_are_errors_not_open_servers(monkeypatch):
     assert api_key_flag(None) is None
 
 
-def test_a_replica_refuses_a_request_for_another_version():
-    """The ingress sends its artifact version with each request; a model replica of another
-    version (a restart mid-update) fails that request alone instead of indexing other experts."""
-    from serve_app.deployments import _request
+def test_a_replica_decodes_each_request_with_the_version_it_was_planned_for(tmp_path, monkeypatch):
+    """During a rolling update a replica holds the new current version and the previous one: a
+    request planned for either decodes with that version's engine (one batch queue per version);
+    an older one is dropped and loaded again from its immutable folder if a request still asks."""
+    import asyncio
+    from pathlib import Path
+    from types import SimpleNamespace
 
-    payload = {"prompt_ids": [1, 2], "params": {"max_tokens": 2}, "expert_weights": None, "version": 1}
-    assert not isinstance(_request(payload, 1), Exception)
-    refused = _request(payload, 2)
-    assert isinstance(refused, ValueError) and "version mismatch: the request is for v1, this replica serves v2" in str(
-        refused
-    )
+    from ray import serve
+
+    from loramix.versions import publish
+    from serve_app.deployments import Versions
+
+    # Outside a replica: the one thing `@serve.batch` reads from the replica context.
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    run = tmp_path / "run"
+    for n, experts in enumerate([("reverse", "sort"), ("reverse", "shift"), ("sort", "shift")], start=1):
+        assert publish(run, demo_artifact(tmp_path / f"staged{n}", experts=experts)) == n
+    loads = []
+
+    def load(folder):
+        loads.append(Path(folder).name)
+        return SimpleNamespace(folder=Path(folder).name, device="cpu")
+
+    def decoder(engine):
+        async def decode(inputs: list[str]) -> list[str]:  # what a batch of requests gets: its engine's version
+            return [f"{engine.folder}:{x}" for x in inputs]
+
+        return decode
+
+    async def scenario():
+        versions = Versions(str(run / "artifact"), load, decoder, max_batch_size=4, batch_wait_timeout_s=0.01)
+        await versions.switch(1)
+        await versions.switch(2)  # an update: v1 stays for the requests planned for it
+        _, v1 = await versions.get(1)
+        _, v2 = await versions.get(2)
+        answers = await asyncio.gather(v1("a"), v2("b"), v1("c"))
+        assert answers == ["v1:a", "v2:b", "v1:c"]
+        assert (versions.current, versions.previous, sorted(versions.loaded)) == (2, 1, [1, 2])
+        await versions.switch(3)
+        assert sorted(versions.loaded) == [2, 3]  # v1 dropped
+        _, v1 = await versions.get(1)  # a straggler planned for v1: loaded again, not refused
+        assert await v1("d") == "v1:d"
+        with pytest.raises(Exception, match="has no version 7"):
+            await versions.get(7)
+
+    asyncio.run(scenario())
+    assert loads == ["v1", "v2", "v3", "v1"]

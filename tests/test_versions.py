@@ -78,3 +78,23 @@ def test_expert_commands_check_their_flags_before_anything_runs(tmp_path, capsys
     assert "needs `--train` (retrain on these rows) or `--adapter`" in capsys.readouterr().err
     assert main(["remove-expert", str(tmp_path), "--name", "x"]) == 2
     assert "holds no finished run" in capsys.readouterr().err
+
+
+def test_serve_update_refuses_a_missing_or_damaged_version_before_touching_the_cluster(
+    staged, tmp_path, capsys, monkeypatch
+):
+    """`loramix serve-update` checks the target version on disk (exists, every file whole) and that
+    a cluster was named, before it connects to anything."""
+    from pipelines.cli import main
+
+    out = tmp_path / "run"
+    publish(out, staged[0])
+    assert main(["serve-update", str(out), "--version", "3"]) == 2
+    assert "has no version 3 (it has v1)" in capsys.readouterr().err
+    (path_of(out, 1) / "router" / "router.safetensors").write_bytes(b"")
+    assert main(["serve-update", str(out), "--version", "1"]) == 2
+    assert "router.safetensors' does not match the artifact's manifest" in capsys.readouterr().err
+    publish(out, staged[1])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve-update", str(out), "--version", "2"]) == 2
+    assert "pass --address or set RAY_ADDRESS" in capsys.readouterr().err

@@ -300,6 +300,68 @@ def test_poisoned_requests_fail_alone_among_good_ones(world):
     assert handle_stats("fused")["pid"] == pid, "no replica restarted"
 
 
+def test_serve_update_switches_versions_under_load_without_a_failed_request(world, tmp_path):
+    """16 clients on every expert and the router; a new version with one more expert is published
+    and `serve-update` moves the running app to it, then back: no request fails, requests after
+    the switch can pin the new expert and are answered by v2, and the old experts' greedy answers
+    are unchanged (each request is decoded by the version it was planned for)."""
+    import threading
+
+    from loramix.versions import publish, set_pointer
+    from pipelines.serve import update
+
+    run, engine = Path(world["artifact"]).parent, world["engine"]
+    assert publish(run, demo_artifact(tmp_path / "staged2", experts=(*EXPERTS, "rotate"))) == 2
+    models = ["loramix"] + [f"loramix:{n}" for n in EXPERTS]
+    expected = {f"loramix:{n}": reference(engine, PROMPTS[n], 8, [float(n == e) for e in EXPERTS]) for n in EXPERTS}
+    answers: list[tuple[str, float, int, dict]] = []  # (model, sent, status, body)
+    stop = threading.Event()
+
+    def client(i: int):
+        while not stop.is_set():
+            model = models[i % len(models)]
+            prompt = PROMPTS[model.split(":")[1]] if ":" in model else list(PROMPTS.values())[i % 3]
+            sent = time.monotonic()
+            r = post(world["url"], {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=60)
+            answers.append((model, sent, r.status_code, r.json()))
+            i += 1
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    try:
+        for c in clients:
+            c.start()
+        time.sleep(3)
+        moved = update(str(run), 2)
+        switched = time.monotonic()
+        pinned = post(world["url"], {"model": "loramix:rotate", "prompt": "rotate hello=", "max_tokens": 8})
+        assert pinned.status_code == 200, pinned.text
+        route = pinned.json()["choices"][0]["route"]
+        assert route["version"] == 2 and route["expert_weights"]["rotate"] == 1.0
+        listed = requests.get(world["url"] + "/v1/models").json()["data"]
+        assert "loramix:rotate" in [m["id"] for m in listed] and {m["version"] for m in listed} == {2}
+        time.sleep(3)
+        rolling_back = time.monotonic()
+        back = update(str(run), 1)
+        assert requests.get(world["url"] + "/v1/models").json()["data"][0]["version"] == 1
+        assert post(world["url"], {"model": "loramix:rotate", "prompt": "rotate hello="}).status_code == 404
+        time.sleep(2)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(60)
+        set_pointer(run, 1)  # the module's other tests read the run's v1
+    failed = [(m, code, b) for m, _, code, b in answers if code != 200]
+    assert not failed, failed[:3]
+    versions = [b["choices"][0]["route"]["version"] for _, _, _, b in answers]
+    assert {1, 2} <= set(versions), "requests were answered by both versions"
+    assert all(b["choices"][0]["route"]["version"] == 2 for _, t, _, b in answers if switched < t < rolling_back)
+    assert all(b["choices"][0]["text"] == expected[m] for m, _, _, b in answers if m in expected)
+    print(
+        f"\nserve-update under 16 clients: v1->v2 in {moved['seconds']:.1f} s, v2->v1 in {back['seconds']:.1f} s; "
+        f"{len(answers)} requests, {len(failed)} failed"
+    )
+
+
 # -------------------------------------------------------------------------------------- routed
 @pytest.fixture(scope="module")
 def routed(world):
