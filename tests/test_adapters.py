@@ -96,3 +96,16 @@ def test_an_adapter_domain_is_copied_in_and_mixed_without_training(saved_base, t
         ours = mm(input_ids=ids, expert_weights=torch.tensor([[0.0, 1.0]])).logits
         theirs = peft_model(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # and served: both serving paths (its own merged replica, the fused mixture pinned to it)
+    # decode PEFT's greedy tokens
+    from loramix.serving import Engine, GenerationRequest, SamplingParams
+
+    art = tmp_path / "out" / "artifact"
+    prompt = [1, 5, 6, 7, 8]
+    with torch.no_grad():
+        want = peft_model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    want = want[0, len(prompt) :].tolist()
+    greedy = SamplingParams(max_tokens=6)
+    for engine, weights in ((Engine.from_artifact(art, expert="shift"), None), (Engine.from_artifact(art), [0.0, 1.0])):
+        (done,) = engine.complete([GenerationRequest(prompt, greedy, weights)])
+        assert done.token_ids and done.token_ids == want[: len(done.token_ids)], (done.token_ids, want)
