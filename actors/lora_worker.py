@@ -180,7 +180,9 @@ def train_lora_worker(config: dict) -> None:
         val = list(
             shard_batches(val_shard, cfg.batch_size, tokenizer.pad_token_id, device, steps=1 << 30, seed=0, epochs=1)
         )
-        validation = loops.Validation(validator(engine, val), every=cfg.eval_every, patience=cfg.patience)
+        validation = loops.Validation(
+            validator(engine, val), every=cfg.eval_every, patience=cfg.patience, takeoff=cfg.takeoff
+        )
         validation.snapshot, validation.restore = gathered_snapshot(engine, model)
     start = 0
     if checkpoint is not None:

@@ -143,6 +143,9 @@ class LoraConfigBase(OptimConfig):
     """Steps between validation losses."""
     patience: int = Field(3, ge=0)
     """Validations without an improvement (1% and 0.001) before training stops (0: always run `steps`)."""
+    takeoff: float = Field(0.5, gt=0, le=1)
+    """Patience counts only once the validation loss fell below this fraction of its first value (or
+    rose above it): a loss flat from the start is a plateau to train through (1: patience alone)."""
 
 
 class ExpertConfig(LoraConfigBase):

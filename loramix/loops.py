@@ -111,6 +111,7 @@ class Validation:
     validate: Callable[[], float]
     every: int = 50
     patience: int = 3
+    takeoff: float = 0.5
     min_rel_delta: float = 0.01
     min_delta: float = 1e-3
     snapshot: Callable[[], object] | None = None
@@ -133,7 +134,9 @@ class Validation:
                 self._best_state = self.snapshot()
             return False
         self._bad += 1
-        return self.patience > 0 and self._bad >= self.patience
+        first = self.history[0][1]
+        took_off, diverging = self.best[1] <= self.takeoff * first, loss > first
+        return self.patience > 0 and (took_off or diverging) and self._bad >= self.patience
 
     def finish(self, last_step: int) -> None:
         """Put the best evaluation's weights back (if a later step is worse)."""

@@ -178,7 +178,7 @@ def train_lora(spec: LoraSpec, cfg: LoramixConfig, base, tokenizer, progress: Pr
         if not spec.val or not o.patience:
             return None
         return loops.Validation(
-            val_loss_fn(model, spec.val, o.batch_size, pad), every=o.eval_every, patience=o.patience
+            val_loss_fn(model, spec.val, o.batch_size, pad), every=o.eval_every, patience=o.patience, takeoff=o.takeoff
         )
 
     it = data.batches(spec.train, o.batch_size, pad, seed=cfg.seed, steps=o.steps)

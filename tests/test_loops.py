@@ -77,3 +77,23 @@ def test_run_steps_reports_every_step():
         and all(c is None for _, c in seen)
         and out["final_loss"] == pytest.approx(sum(out["losses"]) / 2)
     )
+
+
+def test_early_stopping_waits_for_the_loss_to_take_off():
+    """Patience counts only once the validation loss fell below `takeoff` x its first value: a loss
+    flat from the start (measured on an expert whose answers need tokens the base never produced)
+    is trained through; after the take-off a plateau ends training as before."""
+    from loramix.loops import Validation
+
+    curve = [3.0, 2.99, 2.99, 2.99, 2.99, 2.0, 1.2, 0.5, 0.5, 0.5, 0.5]
+
+    def stop_step(**kw):
+        losses = iter(curve)
+        check = Validation(lambda: next(losses), every=1, patience=2, **kw)
+        return next((i for i in range(len(curve)) if check.update(i)), None)
+
+    assert stop_step(takeoff=1.0) == 2  # patience alone: stopped on the initial plateau
+    assert stop_step() == 9  # took off at 1.2 <= 0.5 x 3.0; stopped two flat validations after 0.5
+    assert stop_step(takeoff=0.1) is None  # never took off: trains to the step budget
+    curve = [3.0, 2.99, 3.5, 3.6, 1.0]
+    assert stop_step() == 2  # but a loss above where it started is divergence: patience counts

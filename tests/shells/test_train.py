@@ -95,7 +95,8 @@ def test_early_stopping_on_ray_keeps_the_best_weights(world):
     cfg, root, base = world
     from peft import PeftModel
 
-    summary, _ = fit(cfg, root, base, "early", expert={"steps": 60, "eval_every": 5, "patience": 1, "lr": 0.5})
+    over = {"steps": 60, "eval_every": 5, "patience": 1, "takeoff": 1.0, "lr": 0.5}  # patience alone
+    summary, _ = fit(cfg, root, base, "early", expert=over)
     assert summary.stopped == "early" and summary.steps < 60
     val = {int(s): v for s, v in summary.val_losses}
     best = summary.best_step
