@@ -55,6 +55,9 @@ class Expert:
     lora_B: dict[str, torch.Tensor]  # module path -> [d_out, r]
     scaling: dict[str, float] = field(default_factory=dict)
     variant: str = "flan"
+    # PEFT saves a copy of a tied layer's base weight with its adapter (an `lm_head` LoRA on a
+    # model with tied embeddings): kept to check it equals the base's, never mixed or saved.
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -100,24 +103,28 @@ class Expert:
             raise ValueError(
                 f"{where}: LoRA options {bad} are not supported by loramix mixtures. Retrain without them."
             )
-        lora_A, lora_B = {}, {}
+        lora_A, lora_B, copies = {}, {}, {}
         for key, tensor in state.items():
             module, _, kind = key.removeprefix(_PREFIX).rpartition(".lora_")
             if kind == "A.weight":
                 lora_A[module] = tensor
             elif kind == "B.weight":
                 lora_B[module] = tensor
+            elif key.endswith(".base_layer.weight"):
+                copies[key.removeprefix(_PREFIX).removesuffix(".base_layer.weight")] = tensor
             else:
                 raise ValueError(f"{where}: unexpected tensor {key!r}; only Linear LoRA A/B weights are supported.")
         if set(lora_A) != set(lora_B) or not lora_A:
             raise ValueError(f"{where}: every adapted module needs both lora_A and lora_B; found none or a half pair.")
+        if set(copies) - set(lora_A):
+            raise ValueError(f"{where}: base weights of {sorted(set(copies) - set(lora_A))} are not LoRA weights.")
         scaling = {}
         for module in lora_A:
             r = lora_A[module].shape[0]
             if lora_B[module].shape[1] != r:
                 raise ValueError(f"{where}: {module} has lora_A rank {r} but lora_B {tuple(lora_B[module].shape)}.")
             scaling[module] = lora_scaling(config, module, r)
-        return cls(name, config, lora_A, lora_B, scaling, variant)
+        return cls(name, config, lora_A, lora_B, scaling, variant, copies)
 
     def save(self, path: str | Path) -> None:
         """Write the expert as a PEFT adapter directory."""
@@ -201,6 +208,12 @@ class ExpertBank:
                 if not isinstance(layer, nn.Linear):
                     problems.append(f"expert {expert.name!r}: {module!r} is {type(layer).__name__}; only nn.Linear")
                     continue
+                copy = expert.base_copies.get(module)
+                if copy is not None and not torch.equal(copy.to(layer.weight.dtype), layer.weight.detach().cpu()):
+                    problems.append(
+                        f"expert {expert.name!r}: carries its own {module!r} weights, which differ from the base's "
+                        "(a mixture adds LoRA deltas to one shared base); was it trained on another base?"
+                    )
                 d_in = layer.out_features if expert.variant == "res" else layer.in_features
                 a, b = expert.lora_A[module].shape, expert.lora_B[module].shape
                 if a[1] != d_in or b[0] != layer.out_features:

@@ -97,6 +97,16 @@ class TorchStepper:
         return self.scheduler.get_last_lr()[0]
 
 
+LEARNED_LOSS = 0.1  # nats per completion token (~90% on the right token): a loss this low has nothing to take off from
+
+
+def took_off(history, takeoff: float) -> bool:
+    """Validation losses ``[(step, loss), ...]`` fell below ``takeoff`` x the first one (or under
+    :data:`LEARNED_LOSS`, for an expert that learned before its first validation)."""
+    best = min(loss for _, loss in history)
+    return best <= takeoff * history[0][1] or best <= LEARNED_LOSS
+
+
 @dataclass
 class Validation:
     """Stop on the validation loss: ``steps`` becomes a maximum (as HF's EarlyStoppingCallback).
@@ -134,9 +144,8 @@ class Validation:
                 self._best_state = self.snapshot()
             return False
         self._bad += 1
-        first = self.history[0][1]
-        took_off, diverging = self.best[1] <= self.takeoff * first, loss > first
-        return self.patience > 0 and (took_off or diverging) and self._bad >= self.patience
+        diverging = loss > self.history[0][1]
+        return self.patience > 0 and (took_off(self.history, self.takeoff) or diverging) and self._bad >= self.patience
 
     def finish(self, last_step: int) -> None:
         """Put the best evaluation's weights back (if a later step is worse)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from loramix.artifact import write_json
 from loramix.config import LoramixConfig, config_hash, dump_config
+from loramix.loops import took_off
 from loramix.plan import METHODS, EvalResult, LoraResult, Result, RouterResult
 from loramix.serve_config import SERVE_JSON, saved_settings
 from loramix.versions import POINTER, path_of, publish
@@ -68,10 +69,19 @@ def undertrained(cfg: LoramixConfig, results: dict[str, Result], methods: dict) 
                 reasons.append(f"its exact match {own:.3f} is below the multitask LoRA's {multitask:.3f} on `{d.name}`")
         if lora.stopped == "max_steps" and lora.still_improving and lora.val_losses:
             reasons.append(f"its validation loss was still falling at step {lora.steps} (`expert.steps`)")
+        hint = ""
+        if len(lora.val_losses) > 1 and not took_off(lora.val_losses, cfg.expert.takeoff):
+            first = lora.val_losses[0][1]
+            reasons.append(f"its validation loss never fell below {cfg.expert.takeoff:g} x its first value {first:.3f}")
+            if "lm_head" not in cfg.expert.target_modules:
+                hint = (
+                    " If its answers use tokens the base rarely produces, add `lm_head` to `expert.target_modules` "
+                    "(measured: an expert flat at ln 29 for 2000 steps learned its domain with it)."
+                )
         if reasons:
             warnings.append(
                 f"expert `{d.name}` looks under-trained: {'; '.join(reasons)}. Raise `expert.steps` "
-                f"(now {cfg.expert.steps}) or `expert.lr` (now {cfg.expert.lr:g}), or check its data."
+                f"(now {cfg.expert.steps}) or `expert.lr` (now {cfg.expert.lr:g}), or check its data.{hint}"
             )
     return warnings
 

@@ -288,9 +288,8 @@ class BlockGate(Router):
         return {"temperature": self.temperature}
 
     def layer_gates(self, call, layer, x):
-        block = layer.block
-        if block is None:
-            raise ValueError(f"MoLE gates are per transformer block, but {layer.key!r} is outside every block.")
+        # A module outside every block (an `lm_head` LoRA) reads the last block's output: its gates.
+        block = layer.block if layer.block is not None else max(self.gate_layer)
         gates = call.block_gates.get(block)
         if gates is not None:
             return gates

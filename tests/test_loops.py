@@ -97,3 +97,5 @@ def test_early_stopping_waits_for_the_loss_to_take_off():
     assert stop_step(takeoff=0.1) is None  # never took off: trains to the step budget
     curve = [3.0, 2.99, 3.5, 3.6, 1.0]
     assert stop_step() == 2  # but a loss above where it started is divergence: patience counts
+    curve = [0.05, 0.049, 0.049, 0.049, 0.049]
+    assert stop_step() == 2  # learned before its first validation: nothing to take off from

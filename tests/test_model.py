@@ -76,3 +76,50 @@ def test_only_router_trains(adapters):
     mm = MixtureModel.from_adapters(tiny_llama(0), adapters, router="mole")
     trainable = {n for n, p in mm.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("router.") for n in trainable)
+
+
+LM_HEAD_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+@pytest.mark.parametrize("recipe", [None, "moa", "mole", "modula"])
+def test_experts_that_adapt_the_lm_head_match_peft(tmp_path, recipe):
+    """`expert.target_modules` may add `lm_head` (what an expert needs when its answers use tokens
+    the base never produced): the head sits outside every block, so MoLE gates it with the last
+    block's gates. Pinned to one expert, the mixture computes PEFT's logits for every recipe."""
+    from tiny import make_adapter
+
+    adapters = {n: make_adapter(0, tmp_path / n, seed=i + 1, targets=LM_HEAD_TARGETS) for i, n in enumerate("ab")}
+    mixture = MixtureModel.from_adapters(tiny_llama(0), adapters, router=recipe, top_k=2).eval()
+    assert any(key.endswith("lm_head") for key in mixture.layers)
+    ids, mask = batch()
+    for i, name in enumerate(adapters):
+        ref = logits(PeftModel.from_pretrained(tiny_llama(0), adapters[name]).eval(), ids, mask)
+        assert_differs(ref, logits(tiny_llama(0), ids, mask))
+        # the head's LoRA adds to logits of magnitude ~10: float32 summation order, 1e-6 relative
+        assert_close(
+            logits(mixture, ids, mask, expert_weights=one_hot(3, 2, i)), ref, atol=1e-6 * ref.abs().max().item() * 10
+        )
+        if (
+            recipe is None
+        ):  # merged into a plain copy of the base (routed serving): the head only, not the tied embedding
+            merged = mixture.merged_base([float(j == i) for j in range(2)])
+            assert_close(logits(merged, ids, mask), ref, atol=1e-6 * ref.abs().max().item() * 10)
+            embed = merged.get_input_embeddings().weight
+            assert torch.equal(embed, tiny_llama(0).get_input_embeddings().weight)
+    if recipe is not None:  # and the router's own gates run through the head too
+        routed = logits(mixture, ids, mask)
+        assert torch.isfinite(routed).all()
+        assert_differs(routed, logits(mixture, ids, mask, expert_weights=torch.zeros(3, 2)))
+
+
+def test_an_adapter_whose_copy_of_a_tied_weight_differs_from_the_base_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from tiny import make_adapter
+
+    path = make_adapter(0, tmp_path / "a", seed=1, targets=LM_HEAD_TARGETS)
+    state = load_file(f"{path}/adapter_model.safetensors")
+    key = next(k for k in state if k.endswith("lm_head.base_layer.weight"))  # PEFT saved the tied head
+    state[key] = state[key] + 1.0
+    save_file(state, f"{path}/adapter_model.safetensors")
+    with pytest.raises(ValueError, match="carries its own 'lm_head' weights, which differ from the base's"):
+        MixtureModel.from_adapters(tiny_llama(0), {"a": path}, router=None)

@@ -5,7 +5,7 @@ from loramix.plan import EvalResult, LoraResult, RouterResult
 from loramix.report import write_run_report
 
 
-def lora(steps, *, stopped="early", still=False, path="x"):
+def lora(steps, *, stopped="early", still=False, path="x", val_losses=None):
     return LoraResult(
         path,
         steps,
@@ -17,7 +17,7 @@ def lora(steps, *, stopped="early", still=False, path="x"):
         "d",
         stopped=stopped,
         best_step=steps,
-        val_losses=[[steps, 0.1]],
+        val_losses=val_losses or [[steps, 0.1]],
         still_improving=still,
     )
 
@@ -53,4 +53,9 @@ def test_report_flags_undertrained_experts_and_shows_general_skill(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "| general EM |" in md and "WARNING: expert `a`" in md
     assert (tmp_path / "gates.png").stat().st_size > 0
+    # an expert whose loss never took off is told about the LM head
+    results["expert/b"] = lora(100, stopped="max_steps", val_losses=[[50, 3.37], [100, 3.36]])
+    report = write_run_report(tmp_path, cfg, results, timings={}, cached=[])
+    (flat,) = [w for w in report["warnings"] if "expert `b`" in w]
+    assert "never fell below 0.5 x its first value 3.370" in flat and "add `lm_head` to `expert.target_modules`" in flat
     assert report["training"]["expert/a"]["stopped"] == "max_steps" and "losses" not in report["training"]["expert/a"]

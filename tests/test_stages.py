@@ -141,3 +141,15 @@ def test_res_experts_train_on_the_universal_trunk(saved_base, tmp_path):
     res = report["training"]["expert/reverse"]
     assert res["trainable_params"] > 0 and report["methods"]["merge_linear"]["error"].startswith("merging experts")
     assert report["methods"]["oracle"]["avg"]["exact_match"] >= 0
+
+
+@pytest.mark.parametrize("recipe", ["moa", "mole"])
+def test_experts_may_adapt_the_lm_head(saved_base, tmp_path, recipe):
+    """`expert.target_modules` with `lm_head` trains, saves, mixes, merges and evaluates (the
+    held-out `upper` domain needs it: its answers use tokens the base never produced)."""
+    targets = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
+    cfg = config(saved_base, tmp_path, recipe=recipe, **{"expert.target_modules": targets})
+    report = run_demo(cfg, tmp_path / "out")
+    assert all("error" not in row for row in report["methods"].values())
+    mm = MixtureModel.from_pretrained(tmp_path / "out" / "artifact")
+    assert "lm_head" in mm.layers and mm.layers["lm_head"].lora_A.shape[0] == 2 * cfg.expert.rank
