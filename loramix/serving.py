@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -60,12 +61,15 @@ class SamplingParams:
 class GenerationRequest:
     """Token ids of a prompt (with BOS, as :meth:`Engine.encode` makes them) and how to decode it.
 
-    ``expert_weights`` (mixture order) fix the gates; None lets the router decide.
+    ``expert_weights`` (mixture order) fix the gates; None lets the router decide. ``cancel`` (a
+    ``threading.Event``, set when its client went away) ends the request at the next step: it
+    emits nothing more, and a batch whose other rows are done stops decoding.
     """
 
     prompt_ids: Sequence[int]
     params: SamplingParams = SamplingParams()
     expert_weights: Sequence[float] | None = None
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -103,6 +107,9 @@ class _Row:
 
     def push(self, token: int) -> Delta | None:
         if self.done:
+            return None
+        if self.request.cancel is not None and self.request.cancel.is_set():
+            self.done = True  # its client is gone: no more output, and the batch need not wait for it
             return None
         p, finish = self.request.params, None
         eos = token == self.tokenizer.eos_token_id
@@ -233,7 +240,7 @@ class Engine:
             return
         todo = [requests[i] for i in good]
         if self.pinned is not None:
-            todo = [GenerationRequest(r.prompt_ids, r.params, self.pinned) for r in todo]
+            todo = [GenerationRequest(r.prompt_ids, r.params, self.pinned, r.cancel) for r in todo]
         for rows, weights, routes in self._groups(todo):
             for step in self._decode([todo[i] for i in rows], weights, routes):
                 out: list[Delta | None] = [None] * len(requests)
@@ -252,10 +259,10 @@ class Engine:
             Completion(
                 "".join(d.text for d in ds),
                 [t for d in ds for t in d.token_ids],
-                ds[-1].finish_reason,
-                ds[0].route,
+                ds[-1].finish_reason if ds else "cancelled",
+                ds[0].route if ds else None,
                 0 if isinstance(r, Exception) else len(r.prompt_ids),
-                ds[-1].error,
+                ds[-1].error if ds else None,
             )
             for r, ds in zip(requests, parts)
         ]

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import os
+import threading
 from dataclasses import asdict
 
 from ray import serve
@@ -40,7 +41,7 @@ def _request(payload: dict) -> GenerationRequest | Exception:
     """A payload as a request, or the error building it (which then fails that request alone)."""
     try:
         params = SamplingParams(**payload["params"])
-        return GenerationRequest(payload["prompt_ids"], params, payload.get("expert_weights"))
+        return GenerationRequest(payload["prompt_ids"], params, payload.get("expert_weights"), payload.get("cancel"))
     except (TypeError, ValueError, KeyError) as err:
         return ValueError(f"bad request payload: {err}")
 
@@ -105,7 +106,7 @@ class ModelDeployment:
 
     def __init__(self, source: str, expert: str | None = None, max_batch_size=16, batch_wait_timeout_s=0.01):
         self.expert = expert
-        self.requests = 0
+        self.requests = self.cancelled = 0
         self.versions = Versions(
             source,
             functools.partial(Engine.from_artifact, expert=expert),
@@ -126,8 +127,17 @@ class ModelDeployment:
         except Exception as err:  # e.g. a version deleted from disk or failing its checksums
             yield {"error": f"artifact v{payload.get('version')} cannot be served: {err}"}
             return
-        async for delta in batched(payload):
-            yield delta
+        # A client that goes away cancels this generator (Serve propagates the disconnect): its row
+        # stops decoding at the next step, and a batch waits only for its other rows.
+        cancel, done = threading.Event(), False
+        try:
+            async for delta in batched({**payload, "cancel": cancel}):
+                done = done or bool(delta and delta.get("finish_reason"))
+                yield delta
+        finally:
+            if not done:
+                cancel.set()
+                self.cancelled += 1
 
     def _decoder(self, engine: Engine):
         async def decode(payloads: list[dict]):
@@ -153,6 +163,7 @@ class ModelDeployment:
             "pid": os.getpid(),
             "expert": self.expert,
             "requests": self.requests,
+            "cancelled": self.cancelled,
             "versions": sorted(self.versions.loaded, key=str),
             "current": self.versions.current,
         }

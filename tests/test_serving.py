@@ -188,3 +188,25 @@ def test_sampling_at_a_temperature_that_overflows_falls_back_to_greedy(moa):
     _, eng = moa
     hot = GenerationRequest(eng.encode("reverse hello="), SamplingParams(max_tokens=6, temperature=1e-30, seed=1))
     assert eng.complete([hot])[0].token_ids == reference(eng, "reverse hello=", 6)
+
+
+def test_a_cancelled_request_stops_and_its_batch_ends_with_the_others(moa):
+    """A client that went away (`cancel` set) gets nothing more, and the batch does not decode on
+    for it: with the long request cancelled, the batch ends when the short one is done."""
+    import threading
+
+    _, e = moa
+    cancel = threading.Event()
+    pinned = [1.0] + [0.0] * (len(e.expert_names) - 1)
+    short = GenerationRequest(e.encode(PROMPTS[0]), SamplingParams(max_tokens=3), pinned)
+    long = GenerationRequest(
+        e.encode(PROMPTS[1]), SamplingParams(max_tokens=40, temperature=1.0, seed=0), pinned, cancel
+    )
+    steps = []
+    for step in e.stream([short, long]):
+        steps.append(step)
+        cancel.set()  # the client of the long request disconnects after its first token
+    assert len(steps) <= 3  # the short request's tokens; the long one's 40 never ran
+    assert steps[0][1] is not None and all(step[1] is None for step in steps[1:])
+    alone = e.complete([GenerationRequest(short.prompt_ids, short.params, short.expert_weights)])[0]
+    assert "".join(step[0].text for step in steps if step[0]) == alone.text

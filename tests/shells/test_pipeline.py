@@ -209,7 +209,7 @@ def test_a_stop_aborts_running_and_waiting_trainers_without_cancelling_tasks(ray
 
     @ray.remote(num_cpus=0)
     def stage(progress, name: str, cpus: float):
-        with stage_running(progress, name), interrupted_when_stopped(progress, name, poll_s=0.2):
+        with stage_running(progress, name), interrupted_when_stopped(progress, name, poll_s=0.2, grace_s=3):
             TorchTrainer(
                 sleep_forever,
                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),

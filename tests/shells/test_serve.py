@@ -300,6 +300,22 @@ def test_poisoned_requests_fail_alone_among_good_ones(world):
     assert handle_stats("fused")["pid"] == pid, "no replica restarted"
 
 
+def test_a_client_that_disconnects_stops_its_rows_decoding(world):
+    """Close a streaming request after its first event: Serve cancels the replica's generator,
+    which marks the row cancelled (it stops decoding at the next step)."""
+    before = handle_stats("fused")["cancelled"]
+    body = {"model": "loramix", "prompt": PROMPTS["sort"], "max_tokens": 64, "temperature": 1.0, "seed": 3}
+    with requests.post(world["url"] + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first event arrived: decoding is under way
+    deadline = time.monotonic() + 20
+    while handle_stats("fused")["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert handle_stats("fused")["cancelled"] == before + 1
+    ok = post(world["url"], {**body, "max_tokens": 4})  # and the replica serves on
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_serve_update_switches_versions_under_load_without_a_failed_request(world, tmp_path):
     """16 clients on every expert and the router; a new version with one more expert is published
     and `serve-update` moves the running app to it, then back: no request fails, requests after
