@@ -83,8 +83,10 @@ def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: 
     A watcher thread polls the stop flag and raises SIGINT in the task's main thread, where Ray
     Train's handler aborts the controller (its workers and placement group go with it). A controller
     blocked waiting for a placement group that cannot be placed does not answer that for a minute or
-    more; after ``grace_s`` the task's process exits, which takes the controller it owns with it
-    (Ray retries the task, and the retry refuses to start: the run is stopped).
+    more: if after ``grace_s`` no worker of this job ever started, the task's process exits, which
+    takes the controller it owns with it (Ray retries the task, and the retry refuses to start).
+    A trainer whose workers run is left to its graceful abort: killing its controller would leave
+    its placement group holding the CPUs wherever Ray Train's cleaner has no state API to ask.
     """
     done, lock = threading.Event(), threading.Lock()
 
@@ -95,8 +97,8 @@ def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: 
                     if done.is_set():
                         return
                     _thread.interrupt_main(signal.SIGINT)
-                if not done.wait(grace_s):
-                    logger.warning("stage `%s`: Ray Train did not abort in %.0f s; exiting its task", name, grace_s)
+                if not done.wait(grace_s) and not _workers_started(progress, name):
+                    logger.warning("stage `%s`: its trainer never started and did not abort; exiting its task", name)
                     os._exit(1)
                 return
 
@@ -112,6 +114,13 @@ def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: 
     finally:
         with lock:
             done.set()
+
+
+def _workers_started(progress, name: str) -> bool:
+    try:
+        return bool(ray.get(progress.snapshot.remote())["nodes"].get(name))
+    except ray.exceptions.RayActorError:  # the driver is gone, and its job with it
+        return False
 
 
 @ray.remote

@@ -45,13 +45,20 @@ def waiting_for_resources() -> list[str]:
 
 
 def wait_with_bars(
-    refs: dict[str, ray.ObjectRef], progress, poll_s: float = 0.5, stall_timeout_s: float | None = None
+    refs: dict[str, ray.ObjectRef],
+    progress,
+    poll_s: float = 0.5,
+    stall_timeout_s: float | None = None,
+    trainers: frozenset[str] = frozenset(),
 ) -> dict:
     """Wait for named Ray futures while drawing one bar per job posted to the ProgressActor.
 
     Args:
         stall_timeout_s: on a cluster nothing grows (a local instance), raise :class:`Unschedulable`
-            when nothing progressed for this long while requests wait for resources.
+            when nothing progressed for this long while requests wait for resources. A stage that
+            holds resources is progress however slow its steps: a running non-LoRA stage, or a
+            LoRA stage (``trainers``) whose workers started; a LoRA stage whose trainer still waits
+            for its placement group is not.
 
     Returns:
         name -> result. The first failing future raises (with the job's name in the message);
@@ -59,7 +66,7 @@ def wait_with_bars(
         trainer of a failed run goes on holding the cluster's CPUs.
     """
     try:
-        return _wait(refs, progress, poll_s, stall_timeout_s)
+        return _wait(refs, progress, poll_s, stall_timeout_s, trainers)
     except BaseException as err:
         stop_run(refs, progress, f"{type(err).__name__}: {err}"[:300])
         raise
@@ -81,7 +88,7 @@ def stop_run(refs: dict[str, ray.ObjectRef], progress, reason: str, settle_s: fl
             return
 
 
-def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout_s: float | None) -> dict:
+def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout_s: float | None, trainers) -> dict:
     bars: dict[str, tqdm] = {}
     pending = dict(refs)
     results = {}
@@ -102,7 +109,8 @@ def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout
                 del pending[name]
         snap = ray.get(progress.snapshot.remote())
         seen = (len(pending), snap["jobs"])
-        if seen != last_seen:
+        working = [s for s in snap["running"] if s not in trainers or s in snap["nodes"]]
+        if seen != last_seen or working:
             last_seen, last_change = seen, time.monotonic()
         elif stall_timeout_s is not None and time.monotonic() - last_change > stall_timeout_s:
             waiting = waiting_for_resources()

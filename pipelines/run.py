@@ -126,7 +126,9 @@ def run_pipeline(
         progress = ProgressActor.remote()
         nodes, cached = submit(cfg, progress)
         refs = {k: v for k, v in nodes.items() if isinstance(v, ray.ObjectRef)}
-        results = wait_with_bars(refs, progress, stall_timeout_s=cfg.train.stall_timeout_s if local else None)
+        trainers = frozenset(s.name for s in plan.build_plan(cfg) if s.kind == "lora")
+        stall = cfg.train.stall_timeout_s if local else None
+        results = wait_with_bars(refs, progress, stall_timeout_s=stall, trainers=trainers)
         results |= {k: v for k, v in nodes.items() if not isinstance(v, ray.ObjectRef)}
         timings = {
             k: 0.0 if k in cached else (getattr(v, "wall_seconds", None) or getattr(v, "seconds", 0.0))

@@ -205,13 +205,15 @@ def test_a_stop_aborts_running_and_waiting_trainers_without_cancelling_tasks(ray
     from pipelines.progress import stop_run
 
     def sleep_forever(config):  # nested: pickled by value (pytest's module names do not import on workers)
+        config["progress"].worker.remote(config["name"], 0, ray.get_runtime_context().get_node_id(), 0)  # as ours do
         time.sleep(600)
 
     @ray.remote(num_cpus=0)
     def stage(progress, name: str, cpus: float):
-        with stage_running(progress, name), interrupted_when_stopped(progress, name, poll_s=0.2, grace_s=3):
+        with stage_running(progress, name), interrupted_when_stopped(progress, name, poll_s=0.2):
             TorchTrainer(
                 sleep_forever,
+                train_loop_config={"progress": progress, "name": name},
                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
                 run_config=RunConfig(name=name, storage_path=str(tmp_path)),
             ).fit()
@@ -241,6 +243,32 @@ def test_a_stop_aborts_running_and_waiting_trainers_without_cancelling_tasks(ray
     # A stage scheduled after the stop refuses to start.
     with pytest.raises(Stopped, match="stage `late` not started"):
         ray.get(stage.remote(progress, "late", 1), timeout=30)
+
+
+def test_a_slow_stage_is_not_taken_for_a_stall(ray_local):
+    """The stall watchdog stops a run only when nothing of it holds resources: a stage that runs
+    longer than `stall_timeout_s` without posting progress, while the next one waits for its CPUs,
+    is slow, not unschedulable (seen on 2 CPUs under load: a false Unschedulable mid-run)."""
+    import ray
+
+    from actors.progress import ProgressActor
+    from actors.stage_tasks import stage_running
+    from pipelines.progress import wait_with_bars
+
+    @ray.remote(num_cpus=1)
+    def slow(progress):
+        with stage_running(progress, "slow"):
+            time.sleep(4)
+        return "slow"
+
+    @ray.remote(num_cpus=2)
+    def after(progress):  # needs both CPUs: waits for `slow` to give its one back
+        with stage_running(progress, "after"):
+            return "after"
+
+    progress = ProgressActor.remote()
+    refs = {"slow": slow.remote(progress), "after": after.remote(progress)}
+    assert wait_with_bars(refs, progress, stall_timeout_s=1) == {"slow": "slow", "after": "after"}
 
 
 def test_a_second_writer_on_the_same_output_fails_at_once(first_run, tmp_path):
