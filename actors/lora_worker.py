@@ -97,6 +97,31 @@ def deepspeed_config(template: dict, cfg: ExpertConfig, world_size: int) -> dict
     return ds
 
 
+def clear_stale_build_locks(max_idle_s: float = 300.0) -> list[Path]:
+    """Remove torch extension build locks that no build holds any more; returns the ones removed.
+
+    DeepSpeed builds a small op (``deepspeed_shm_comm`` on CPU) the first time a venv uses it,
+    under torch's lock file. A worker killed mid-build (a stopped run, a lost node) leaves the lock,
+    and every later DeepSpeed start waits on it forever, silently (seen: a benchmark hung for 20
+    minutes). A lock whose build folder has not changed for ``max_idle_s`` is taken as stale: a
+    live build writes its files within a minute or two.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root, removed = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()), []  # as torch picks it
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        newest = max((f.stat().st_mtime for f in lock.parent.iterdir() if f.is_file()), default=0.0)
+        if time.time() - newest > max_idle_s:
+            lock.unlink(missing_ok=True)
+            logger.warning(
+                "removed a stale torch extension build lock %s (nothing built there for %.0f s)",
+                lock,
+                time.time() - newest,
+            )
+            removed.append(lock)
+    return removed
+
+
 def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
     """A DeepSpeed engine over ``model``'s trainable (LoRA) parameters: torch AdamW + warmup/cosine.
 
@@ -104,6 +129,7 @@ def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
     GPUs (NCCL) and on CPUs (``DS_ACCELERATOR=cpu``, gloo) without compiling optimizer ops.
     Expects ``torch.distributed`` to be initialised (Ray Train does it; DeepSpeed joins that group).
     """
+    clear_stale_build_locks()  # before DeepSpeed may build its op
     import deepspeed  # on the worker, after DS_ACCELERATOR is set
 
     trainable = [p for p in model.parameters() if p.requires_grad]
