@@ -14,8 +14,6 @@ Ctrl-C interrupts it (Ray Train then aborts its controller, worker group and pla
 from __future__ import annotations
 
 import _thread
-import logging
-import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -25,8 +23,6 @@ import ray
 from actors.lora_trainer import fit_lora
 from loramix import stages
 from loramix.plan import Context, LoraStage, Result, Stage
-
-logger = logging.getLogger(__name__)
 
 
 def poster(progress, every: int = 5):
@@ -77,16 +73,15 @@ def stage_running(progress, name: str):
 
 
 @contextmanager
-def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: float = 15.0):
+def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0):
     """Run a ``TorchTrainer.fit`` that a stop interrupts like Ctrl-C.
 
     A watcher thread polls the stop flag and raises SIGINT in the task's main thread, where Ray
-    Train's handler aborts the controller (its workers and placement group go with it). A controller
-    blocked waiting for a placement group that cannot be placed does not answer that for a minute or
-    more: if after ``grace_s`` no worker of this job ever started, the task's process exits, which
-    takes the controller it owns with it (Ray retries the task, and the retry refuses to start).
-    A trainer whose workers run is left to its graceful abort: killing its controller would leave
-    its placement group holding the CPUs wherever Ray Train's cleaner has no state API to ask.
+    Train's handler aborts the controller (its workers and placement group go with it). A
+    controller still waiting for its placement group answers once the group is placed (e.g. when
+    the run's other trainers, aborted too, give their CPUs back) or, if it never is, when the
+    driver's job ends. Never kill the controller instead: its placement group would then stay
+    reserved wherever Ray Train's cleaner has no state API (no dashboard) to notice.
     """
     done, lock = threading.Event(), threading.Lock()
 
@@ -94,12 +89,8 @@ def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: 
         while not done.wait(poll_s):
             if stop_reason(progress) is not None:
                 with lock:
-                    if done.is_set():
-                        return
-                    _thread.interrupt_main(signal.SIGINT)
-                if not done.wait(grace_s) and not _workers_started(progress, name):
-                    logger.warning("stage `%s`: its trainer never started and did not abort; exiting its task", name)
-                    os._exit(1)
+                    if not done.is_set():
+                        _thread.interrupt_main(signal.SIGINT)
                 return
 
     if progress is not None:
@@ -114,13 +105,6 @@ def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0, grace_s: 
     finally:
         with lock:
             done.set()
-
-
-def _workers_started(progress, name: str) -> bool:
-    try:
-        return bool(ray.get(progress.snapshot.remote())["nodes"].get(name))
-    except ray.exceptions.RayActorError:  # the driver is gone, and its job with it
-        return False
 
 
 @ray.remote
