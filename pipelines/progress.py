@@ -68,12 +68,15 @@ def wait_with_bars(
     try:
         return _wait(refs, progress, poll_s, stall_timeout_s, trainers)
     except BaseException as err:
-        stop_run(refs, progress, f"{type(err).__name__}: {err}"[:300])
+        stop_run(refs, progress, f"{type(err).__name__}: {err}"[:300], trainers)
         raise
 
 
-def stop_run(refs: dict[str, ray.ObjectRef], progress, reason: str, settle_s: float = 60.0) -> None:
-    """Set the run's stop flag and wait (at most ``settle_s``) for its running stages to end.
+def stop_run(
+    refs: dict[str, ray.ObjectRef], progress, reason: str, trainers: frozenset[str] = frozenset(), settle_s=60.0
+) -> None:
+    """Set the run's stop flag and wait (at most ``settle_s``) for its stages that hold resources
+    to end (:func:`working`; a trainer still waiting for its placement group holds none).
 
     Stages not started yet refuse to start once they are scheduled; running trainers are aborted by
     their stage task (``actors.stage_tasks``). Never ``ray.cancel``: cancelling a task as it finishes
@@ -84,8 +87,14 @@ def stop_run(refs: dict[str, ray.ObjectRef], progress, reason: str, settle_s: fl
     pending = list(refs.values())
     while pending and time.monotonic() < deadline:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-        if not ray.get(progress.snapshot.remote())["running"]:
+        if not working(ray.get(progress.snapshot.remote()), trainers):
             return
+
+
+def working(snapshot: dict, trainers: frozenset[str]) -> list[str]:
+    """Running stages that hold resources: any but a LoRA stage (``trainers``) whose workers have
+    not started (its trainer still waits for its placement group)."""
+    return [s for s in snapshot["running"] if s not in trainers or s in snapshot["nodes"]]
 
 
 def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout_s: float | None, trainers) -> dict:
@@ -109,8 +118,7 @@ def _wait(refs: dict[str, ray.ObjectRef], progress, poll_s: float, stall_timeout
                 del pending[name]
         snap = ray.get(progress.snapshot.remote())
         seen = (len(pending), snap["jobs"])
-        working = [s for s in snap["running"] if s not in trainers or s in snap["nodes"]]
-        if seen != last_seen or working:
+        if seen != last_seen or working(snap, trainers):
             last_seen, last_change = seen, time.monotonic()
         elif stall_timeout_s is not None and time.monotonic() - last_change > stall_timeout_s:
             waiting = waiting_for_resources()
