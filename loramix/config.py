@@ -145,7 +145,7 @@ class LoraConfigBase(OptimConfig):
     """Validations without an improvement (1% and 0.001) before training stops (0: always run `steps`)."""
     takeoff: float = Field(0.5, gt=0, le=1)
     """Patience counts only once the validation loss fell below this fraction of its first value (or
-    rose above it): a loss flat from the start is a plateau to train through (1: patience alone)."""
+    rose to 1.5x it): a loss flat from the start is a plateau to train through (1: patience alone)."""
 
 
 class ExpertConfig(LoraConfigBase):

@@ -97,6 +97,7 @@ class TorchStepper:
         return self.scheduler.get_last_lr()[0]
 
 
+DIVERGED = 1.5  # a validation loss this far above the first one is divergence, not a noisy plateau
 LEARNED_LOSS = 0.1  # nats per completion token (~90% on the right token): a loss this low has nothing to take off from
 
 
@@ -144,7 +145,7 @@ class Validation:
                 self._best_state = self.snapshot()
             return False
         self._bad += 1
-        diverging = loss > self.history[0][1]
+        diverging = loss > DIVERGED * self.history[0][1]
         return self.patience > 0 and (took_off(self.history, self.takeoff) or diverging) and self._bad >= self.patience
 
     def finish(self, last_step: int) -> None:

@@ -95,7 +95,9 @@ def test_early_stopping_waits_for_the_loss_to_take_off():
     assert stop_step(takeoff=1.0) == 2  # patience alone: stopped on the initial plateau
     assert stop_step() == 9  # took off at 1.2 <= 0.5 x 3.0; stopped two flat validations after 0.5
     assert stop_step(takeoff=0.1) is None  # never took off: trains to the step budget
-    curve = [3.0, 2.99, 3.5, 3.6, 1.0]
-    assert stop_step() == 2  # but a loss above where it started is divergence: patience counts
+    curve = [2.78, 2.79, 2.94, 2.9, 2.85]
+    assert stop_step() is None  # a noisy plateau (measured on `upper` with an LM-head LoRA) trains on
+    curve = [3.0, 2.99, 6.5, 7.0, 1.0]
+    assert stop_step() == 2  # but a loss far above where it started is divergence: patience counts
     curve = [0.05, 0.049, 0.049, 0.049, 0.049]
     assert stop_step() == 2  # learned before its first validation: nothing to take off from
