@@ -106,7 +106,7 @@ def clear_stale_build_locks(max_idle_s: float = 300.0) -> list[Path]:
     minutes). A lock whose build folder has not changed for ``max_idle_s`` is taken as stale: a
     live build writes its files within a minute or two.
     """
-    from torch.utils.cpp_extension import get_default_build_root
+    from torch.utils.cpp_extension import get_default_build_root  # only here: the module imports setuptools
 
     root, removed = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()), []  # as torch picks it
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
