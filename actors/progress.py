@@ -29,7 +29,7 @@ class ProgressActor:
         """A stage task starts: None lets it run; else the reason the run was stopped (it must not start)."""
         if self.stop_reason is None:
             self.running.add(stage)
-        else:  # a retry of a task whose process exited on the stop: that attempt is over
+        else:  # Ray's retry of a task whose worker died: its earlier attempt is over
             self.running.discard(stage)
         return self.stop_reason
 
