@@ -23,10 +23,27 @@ from loramix.messages import WorkerConfig
 from loramix.plan import BaseResult, LoraResult
 
 
-def scaling_config(cfg: LoramixConfig) -> ScalingConfig:
+def widened_cpus(cfg: LoramixConfig, replaces: int, nodes: list[float]) -> float:
+    """CPUs per worker for a CPU trainer that does ``replaces`` trainers' work alone.
+
+    The multitask baseline trains the steps of every expert together, after they finished: with
+    ``resources.cpus_per_worker`` it would use one CPU of a machine the experts kept busy (on the
+    2-CPU demo, half of the run's wall time went to it on one core). It takes the CPUs its experts
+    held together, capped by the largest node (``nodes``: each alive node's CPUs) and by the
+    cluster's CPUs shared among its workers; never fewer than ``cpus_per_worker``. GPU trainers
+    are bound by their GPU and keep ``cpus_per_worker``.
+    """
+    res = cfg.resources
+    if replaces <= 1 or res.use_gpu or not nodes:
+        return res.cpus_per_worker
+    fits = min(replaces * res.cpus_per_worker, max(nodes), sum(nodes) / res.num_workers)
+    return max(res.cpus_per_worker, float(int(fits)))
+
+
+def scaling_config(cfg: LoramixConfig, cpus_per_worker: float | None = None) -> ScalingConfig:
     """``resources.*`` -> ``ScalingConfig`` (one GPU per worker when ``use_gpu``)."""
     res = cfg.resources
-    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
+    per_worker = {"CPU": cpus_per_worker or res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
     return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
 
 
@@ -41,6 +58,11 @@ def run_config(cfg: LoramixConfig, name: str) -> RunConfig:
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env=env,
     )
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of every alive node of the cluster this process is connected to."""
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
 
 
 def _rows(examples) -> list[dict]:
@@ -71,7 +93,7 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
     trainer = TorchTrainer(
         train_lora_worker,
         train_loop_config={"worker": worker},
-        scaling_config=scaling_config(cfg),
+        scaling_config=scaling_config(cfg, widened_cpus(cfg, spec.replaces, node_cpus())),
         run_config=run_config(cfg, run_name),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker validates on all val rows
@@ -100,5 +122,5 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         node_ids=sorted(set(nodes.values())),
         wall_seconds=time.perf_counter() - t0,
         resumed_from=summary.get("resumed_from", 0),
-        **{k: summary.get(k) for k in ("loop_seconds_per_step", "peak_rss_mib", "peak_gpu_mib")},
+        **{k: summary.get(k) for k in ("loop_seconds_per_step", "peak_rss_mib", "peak_gpu_mib", "cpu_threads")},
     )

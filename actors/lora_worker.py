@@ -189,6 +189,8 @@ def train_lora_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many threads as CPUs reserved (the multitask baseline may hold several)
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     if w.progress is not None:
         w.progress.worker.remote(w.name, rank, ray.get_runtime_context().get_node_id(), os.getpid())
     checkpoint = ray.train.get_checkpoint()
@@ -259,6 +261,7 @@ def train_lora_worker(config: dict) -> None:
         "loop_seconds_per_step": summary["seconds"] / max(1, summary["steps"] - start),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
     }
     save_adapter(engine, model, final, rank)
 

@@ -71,6 +71,7 @@ class LoraResult(Result):
     loop_seconds_per_step: float | None = None  # the trainer's own loop time (`loramix bench --ray`)
     peak_rss_mib: float | None = None
     peak_gpu_mib: float | None = None
+    cpu_threads: int | None = None  # torch threads per worker (the multitask baseline may get several)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ UNDERTRAINED_GAP = 0.05
 TRAINING_KEYS = (
     "zero_stage",
     "num_workers",
+    "cpu_threads",
     "steps",
     "max_steps",
     "stopped",

@@ -119,6 +119,7 @@ class LoraSpec:
     trunk: str | None  # MoDULA-Res: the universal adapter under the expert
     out_dir: str
     data: str
+    replaces: int = 1  # trainers whose work this one does alone (multitask: its experts'); see fit_lora
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -150,7 +151,8 @@ def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
     # A global shuffle, once: domains one after another made the multitask LoRA oscillate.
     random.Random(cfg.seed).shuffle(train)
     trunk = inputs[stage.trunk].path if stage.trunk else None
-    return LoraSpec(stage.name, optim, train, val, trunk, str(ctx.out / stage.out_dir), stage.data_label)
+    out_dir = str(ctx.out / stage.out_dir)
+    return LoraSpec(stage.name, optim, train, val, trunk, out_dir, stage.data_label, max(1, len(stage.budget_from)))
 
 
 def val_loss_fn(model, val: list[data.Example], batch_size: int, pad_id: int):
