@@ -83,6 +83,16 @@ class MixtureModel(nn.Module):
                 raise ValueError(f"router experts {router.expert_names} differ from the mixture's {self.expert_names}.")
             self.router = router.to(self._device())
         self.routing.router = self.router
+        decoder = base_model.get_decoder() if hasattr(base_model, "get_decoder") else None
+        if isinstance(decoder, nn.Module) and decoder is not base_model:
+            decoder.register_forward_hook(self._keep_final_hidden)
+
+    def _keep_final_hidden(self, module, args, output) -> None:
+        """Keep the decoder's output (what the output head reads, before the logits it keeps are
+        sliced) for a token router whose context needs every prompt position at an `lm_head` LoRA."""
+        call = self.routing.call
+        if call is not None:
+            call.final_hidden = output[0] if isinstance(output, tuple) else getattr(output, "last_hidden_state", None)
 
     @classmethod
     def from_adapters(

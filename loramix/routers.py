@@ -348,7 +348,7 @@ class TokenRouter(Router):
     def layer_gates(self, call, layer, x):
         lin = self.gate[safe_key(layer.key)]
         if self.context == "prompt":
-            x = context_mean(call, layer.key, x)
+            x = context_mean(call, layer.key, x, full=call.final_hidden if layer.block is None else None)
         # Normalised input: layer inputs differ in scale by orders of magnitude (MLP down_proj
         # vs attention q_proj), and raw inputs made the gates saturate after a few steps.
         features = F.layer_norm(x.to(lin.weight.dtype), x.shape[-1:])
@@ -359,15 +359,19 @@ class TokenRouter(Router):
         return gates
 
 
-def context_mean(call: CallState, key: str, x: torch.Tensor) -> torch.Tensor:
+def context_mean(call: CallState, key: str, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
     """``[batch, seq, d]``: for each token the mean of ``x`` over the whole prompt and the tokens
     after the prompt up to it (the prompt is known in full before anything is generated).
 
     A forward over the whole sequence (training, a prompt, a decode without KV cache) computes it
     from scratch; a KV-cached decoding step continues the sums the prompt's forward left in
-    ``call.prefix`` (one entry per layer).
+    ``call.prefix`` (one entry per layer). The output head of a prompt's forward sees only the
+    positions whose logits are kept: ``full`` (the decoder's whole output, its input everywhere)
+    gives it the prompt's context.
     """
-    prompt_len = call.pool_mask.shape[1]
+    # A continuing decode (continuous batching merges rows' states and drops their prompt masks)
+    # always continues its sums.
+    prompt_len = call.pool_mask.shape[1] if call.pool_mask is not None else x.shape[1] + 1
     if x.shape[1] >= prompt_len:
         extra = x.shape[1] - prompt_len  # tokens generated after the prompt (a decode without cache)
         prompt = F.pad(expand_batch(call.pool_mask, x.shape[0]).float(), (0, extra))
@@ -378,6 +382,9 @@ def context_mean(call: CallState, key: str, x: torch.Tensor) -> torch.Tensor:
         count = prompt.sum(1, keepdim=True) + after.cumsum(1)
     else:
         earlier = call.prefix.get(key)
+        if earlier is None and full is not None and full.shape[1] == prompt_len:
+            # Every prompt position's context is the whole prompt: any kept positions read the same.
+            return context_mean(call, key, full)[:, -x.shape[1] :].to(x.dtype)
         if earlier is None:
             raise RuntimeError(
                 "a partial sequence without the prompt's forward first; run the prompt through the mixture."

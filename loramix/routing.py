@@ -8,6 +8,8 @@ one call, never parameters.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +44,7 @@ class CallState:
         block_gates: MoLE: block index -> ``[batch, E]``.
         prefix: token routers reading their context: per layer, the running sum and count of inputs.
         prepared: static weights' per-layer ``(A, B, rank gates)``, reused by every decoding step.
+        final_hidden: the decoder's output of this forward, all positions (the head sees only kept ones).
     """
 
     pool_mask: torch.Tensor | None = None
@@ -55,6 +58,7 @@ class CallState:
     block_gates: dict[int, torch.Tensor] = field(default_factory=dict)
     prefix: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # running sums, decoding
     prepared: dict[tuple, object] = field(default_factory=dict)
+    final_hidden: torch.Tensor | None = None  # the decoder's output this call (what `lm_head` reads, unsliced)
 
     def set_weights(self, weights: torch.Tensor) -> None:
         self.weights = weights
@@ -72,6 +76,36 @@ class CallState:
     def log(self, probs: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor | None, where: str) -> None:
         if self.record is not None:
             self.record.append(RouteRecord(probs, gates, mask, where))
+
+    # What a decoding row carries from step to step, for continuous batching (:mod:`loramix.batching`):
+    # its gates (fixed weights or MoLE's block gates) and a token router's running context sums.
+    def rows(self, index: torch.Tensor) -> CallState:
+        """The decoding state of rows ``index`` (a continuing decode: prompt masks dropped)."""
+        return CallState.concat([self], index)
+
+    @staticmethod
+    def concat(states: Sequence[CallState], index: torch.Tensor | None = None) -> CallState:
+        """One decoding state for the rows of ``states`` one after another (then ``index`` of them).
+
+        Every state must be a decode past its prompt (``freeze``) of the same kind: all with fixed
+        weights, or all routed inside the forward.
+        """
+
+        def cat(tensors):
+            t = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            return t if index is None else t.index_select(0, index)
+
+        if len({s.weights is None for s in states}) > 1:
+            raise ValueError("rows with fixed weights and rows routed in the forward decode as separate batches.")
+        out = CallState(freeze=True)
+        out.block_gates = {b: cat([s.block_gates[b] for s in states]) for b in states[0].block_gates}
+        out.prefix = {
+            k: (cat([s.prefix[k][0] for s in states]), cat([s.prefix[k][1] for s in states]))
+            for k in states[0].prefix
+        }
+        if states[0].weights is not None:
+            out.set_weights(cat([s.weights for s in states]))
+        return out
 
 
 class Routing:
@@ -93,6 +127,15 @@ class Routing:
 
     def end(self) -> None:
         self.call = None
+
+    @contextmanager
+    def using(self, call: CallState) -> Iterator[CallState]:
+        """Run the layers under an existing call's state (a continuing decode), then close it."""
+        self.call = call
+        try:
+            yield call
+        finally:
+            self.end()
 
     def gates_for(self, layer, x: torch.Tensor) -> torch.Tensor | None:
         call = self.call

@@ -199,3 +199,23 @@ def test_prompt_context_is_the_mean_over_the_prompt_then_the_tokens_so_far():
     first = context_mean(call, "l", x[:, :3])[0, :, 0]
     steps = [context_mean(call, "l", x[:, i : i + 1])[0, 0, 0] for i in (3, 4)]
     assert torch.allclose(first[1:], torch.tensor([2.0, 2.0])) and torch.allclose(torch.stack(steps), got[3:])
+
+
+def test_a_prompt_context_router_gates_an_lm_head_lora_from_the_whole_prompt(tmp_path):
+    """The output head of a prompt's forward sees only the kept last position (generate keeps one
+    logit): its context still comes from every prompt position, so cached decoding equals full
+    recompute (it raised "a partial sequence without the prompt's forward first" before)."""
+    from tiny import make_adapter
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    heads = {n: make_adapter(0, tmp_path / n, seed=i + 1, targets=targets) for i, n in enumerate("ab")}
+    mm = MixtureModel.from_adapters(tiny_llama(0), heads, router="modula", top_k=2, context="prompt")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in mm.router.parameters():
+            p.normal_(0, 0.5)
+    ids = torch.randint(3, VOCAB, (2, 6))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    cached = mm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0)
+    fresh = mm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, fresh)
