@@ -31,7 +31,7 @@ from torch import nn
 from loramix.data import prompt_mask
 from loramix.layers import MixtureLinear
 from loramix.names import safe_key
-from loramix.routing import CallState, RouteRecord, expand_batch
+from loramix.routing import CallState, RouteRecord, context_mean, expand_batch
 
 logger = logging.getLogger(__name__)
 
@@ -357,43 +357,6 @@ class TokenRouter(Router):
             mask = call.pool_mask if call.pool_mask is not None and not call.freeze else None
             call.log(probs, gates, mask, layer.key)
         return gates
-
-
-def context_mean(call: CallState, key: str, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
-    """``[batch, seq, d]``: for each token the mean of ``x`` over the whole prompt and the tokens
-    after the prompt up to it (the prompt is known in full before anything is generated).
-
-    A forward over the whole sequence (training, a prompt, a decode without KV cache) computes it
-    from scratch; a KV-cached decoding step continues the sums the prompt's forward left in
-    ``call.prefix`` (one entry per layer). The output head of a prompt's forward sees only the
-    positions whose logits are kept: ``full`` (the decoder's whole output, its input everywhere)
-    gives it the prompt's context.
-    """
-    # A continuing decode (continuous batching merges rows' states and drops their prompt masks)
-    # always continues its sums.
-    prompt_len = call.pool_mask.shape[1] if call.pool_mask is not None else x.shape[1] + 1
-    if x.shape[1] >= prompt_len:
-        extra = x.shape[1] - prompt_len  # tokens generated after the prompt (a decode without cache)
-        prompt = F.pad(expand_batch(call.pool_mask, x.shape[0]).float(), (0, extra))
-        tokens = F.pad(expand_batch(call.attention_mask, x.shape[0]).float(), (0, extra), value=1.0)
-        prompt, after = prompt[..., None], (tokens - prompt)[..., None]
-        xf = x.float()
-        total = (xf * prompt).sum(1, keepdim=True) + (xf * after).cumsum(1)
-        count = prompt.sum(1, keepdim=True) + after.cumsum(1)
-    else:
-        earlier = call.prefix.get(key)
-        if earlier is None and full is not None and full.shape[1] == prompt_len:
-            # Every prompt position's context is the whole prompt: any kept positions read the same.
-            return context_mean(call, key, full)[:, -x.shape[1] :].to(x.dtype)
-        if earlier is None:
-            raise RuntimeError(
-                "a partial sequence without the prompt's forward first; run the prompt through the mixture."
-            )
-        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
-        total, count = earlier[0][:, None] + x.float().cumsum(1), earlier[1][:, None] + steps
-    if call.freeze:
-        call.prefix[key] = (total[:, -1], count[:, -1])
-    return (total / count.clamp_min(1.0)).to(x.dtype)
 
 
 ROUTERS: dict[str, type[Router]] = {cls.recipe: cls for cls in (SequenceRouter, BlockGate, TokenRouter)}

@@ -2,8 +2,8 @@
 
 :class:`Routing` is created once per mixture and holds the router; :class:`CallState` is created
 for each forward or decode (``MixtureModel`` opens and drops it) and holds that call's gates,
-recorded decisions and the per-call caches. Nothing here is an ``nn.Module``: it holds tensors of
-one call, never parameters.
+recorded decisions and the per-call caches (:func:`context_mean`'s running sums of a token
+router's context). Nothing here is an ``nn.Module``: it holds tensors of one call, never parameters.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -100,8 +101,7 @@ class CallState:
         out = CallState(freeze=True)
         out.block_gates = {b: cat([s.block_gates[b] for s in states]) for b in states[0].block_gates}
         out.prefix = {
-            k: (cat([s.prefix[k][0] for s in states]), cat([s.prefix[k][1] for s in states]))
-            for k in states[0].prefix
+            k: (cat([s.prefix[k][0] for s in states]), cat([s.prefix[k][1] for s in states])) for k in states[0].prefix
         }
         if states[0].weights is not None:
             out.set_weights(cat([s.weights for s in states]))
@@ -153,3 +153,40 @@ def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     if batch % t.shape[0]:
         raise ValueError(f"routing was computed for batch {t.shape[0]} but the model ran batch {batch}.")
     return t.repeat_interleave(batch // t.shape[0], dim=0)
+
+
+def context_mean(call: CallState, key: str, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
+    """``[batch, seq, d]``: for each token the mean of ``x`` over the whole prompt and the tokens
+    after the prompt up to it (the prompt is known in full before anything is generated).
+
+    A forward over the whole sequence (training, a prompt, a decode without KV cache) computes it
+    from scratch; a KV-cached decoding step continues the sums the prompt's forward left in
+    ``call.prefix`` (one entry per layer). The output head of a prompt's forward sees only the
+    positions whose logits are kept: ``full`` (the decoder's whole output, its input everywhere)
+    gives it the prompt's context.
+    """
+    # A continuing decode (continuous batching merges rows' states and drops their prompt masks)
+    # always continues its sums.
+    prompt_len = call.pool_mask.shape[1] if call.pool_mask is not None else x.shape[1] + 1
+    if x.shape[1] >= prompt_len:
+        extra = x.shape[1] - prompt_len  # tokens generated after the prompt (a decode without cache)
+        prompt = F.pad(expand_batch(call.pool_mask, x.shape[0]).float(), (0, extra))
+        tokens = F.pad(expand_batch(call.attention_mask, x.shape[0]).float(), (0, extra), value=1.0)
+        prompt, after = prompt[..., None], (tokens - prompt)[..., None]
+        xf = x.float()
+        total = (xf * prompt).sum(1, keepdim=True) + (xf * after).cumsum(1)
+        count = prompt.sum(1, keepdim=True) + after.cumsum(1)
+    else:
+        earlier = call.prefix.get(key)
+        if earlier is None and full is not None and full.shape[1] == prompt_len:
+            # Every prompt position's context is the whole prompt: any kept positions read the same.
+            return context_mean(call, key, full)[:, -x.shape[1] :].to(x.dtype)
+        if earlier is None:
+            raise RuntimeError(
+                "a partial sequence without the prompt's forward first; run the prompt through the mixture."
+            )
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
+        total, count = earlier[0][:, None] + x.float().cumsum(1), earlier[1][:, None] + steps
+    if call.freeze:
+        call.prefix[key] = (total[:, -1], count[:, -1])
+    return (total / count.clamp_min(1.0)).to(x.dtype)

@@ -87,10 +87,16 @@ class ServeConfig(Section):
     """A request still unanswered after this long is cancelled (the client gets 408)."""
     graceful_shutdown_s: float = Field(20.0, ge=0)
     """On shutdown or a rolling update a replica finishes its in-flight requests for up to this long."""
+    max_running_requests: int = Field(32, ge=1)
+    """Requests a model replica decodes at once (continuous batching: a request joins at the next
+    step and leaves the step it finishes); more wait in arrival order."""
+    max_batched_tokens: int = Field(2048, ge=1)
+    """Tokens one decoding step may run: one per running request plus the prompts it admits (a
+    longer prompt is admitted alone)."""
     max_batch_size: int = Field(16, ge=1)
-    """Requests a model replica decodes together (`@serve.batch`)."""
+    """Prompts a router replica scores together (`@serve.batch`)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    """How long a replica waits to fill a batch."""
+    """How long a router replica waits to fill a batch."""
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=256, max_queued_requests=512)
     """The HTTP front (tokenises, validates, dispatches); holds no model."""
     fused: DeploymentConfig = DeploymentConfig()

@@ -115,17 +115,17 @@ def build_app(args: dict):
     if cfg.topology == "routed" and manifest.get("router") is None:
         raise ConfigError(f"{artifact!r} has no router, so `serve.topology: routed` cannot dispatch; use `fused`.")
     opts = deployments(artifact, cfg)
-    batching = (cfg.max_batch_size, cfg.batch_wait_timeout_s)
+    limits = (cfg.max_running_requests, cfg.max_batched_tokens)
 
     def bind(cls, name: str, *init):
         return cls.options(name=name, **live, **opts[name]).bind(*init)
 
-    fused = bind(ModelDeployment, "fused", source, None, *batching)
+    fused = bind(ModelDeployment, "fused", source, None, *limits)
     router, experts = None, {}
     if cfg.topology == "routed":
-        router = bind(RouterDeployment, "router", source, *batching)
+        router = bind(RouterDeployment, "router", source, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         experts = {
-            e: bind(ModelDeployment, expert_deployment_name(e), source, e, *batching) for e in manifest["expert_names"]
+            e: bind(ModelDeployment, expert_deployment_name(e), source, e, *limits) for e in manifest["expert_names"]
         }
     return bind(IngressDeployment, "ingress", source, cfg.model_dump(), fused, router, experts)
 

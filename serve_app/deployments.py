@@ -7,8 +7,10 @@
 - ``RouterDeployment`` scores prompts for the routed topology's dispatch.
 
 Requests arrive as token ids (the ingress tokenises and validates) with the artifact version they
-were planned for, are batched per version by ``@serve.batch`` and stream back one dict per
-decode step. ``user_config: {version: N}`` moves a running replica to another version in place.
+were planned for. A model replica feeds them to that version's continuous-batching scheduler
+(:class:`loramix.batching.Scheduler`): a request joins the running batch at the next decoding
+step and streams back one dict per token. ``user_config: {version: N}`` moves a running replica to
+another version in place.
 """
 
 from __future__ import annotations
@@ -22,19 +24,11 @@ from dataclasses import asdict
 
 from ray import serve
 
+from loramix.batching import Scheduler
 from loramix.serving import Engine, GenerationRequest, SamplingParams
 from loramix.versions import resolve
 
 logger = logging.getLogger(__name__)
-
-
-async def _steps(iterator):
-    """Run each decode step off the event loop so the replica keeps accepting requests."""
-    while True:
-        step = await asyncio.to_thread(next, iterator, None)
-        if step is None:
-            return
-        yield step
 
 
 def _request(payload: dict) -> GenerationRequest | Exception:
@@ -54,14 +48,14 @@ class Versions:
     ``reconfigure`` (Serve's ``user_config``: ``{"version": N}``) loads the new current version
     while the old one keeps decoding; the previous version stays loaded for the requests still
     planned for it, older ones are dropped (and loaded again, from their immutable folder, if a
-    request still asks). Each version gets its own ``@serve.batch`` queue: a batch is one version.
+    request still asks). Each version gets its own runner (a scheduler, a ``@serve.batch`` queue):
+    a batch is always one version.
     """
 
-    def __init__(self, source: str, load, decode, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, source: str, load, runner):
         self.source = source
         self.load = load  # artifact folder -> Engine
-        self.decode = decode  # engine -> the function to batch (list of inputs -> results, or a stream of them)
-        self.batching = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s}
+        self.runner = runner  # engine -> what decodes its requests (a started Scheduler, a batched function)
         self.loaded: dict[int | None, tuple[Engine, object]] = {}
         self.current: int | None = None
         self.previous: int | None = None
@@ -73,18 +67,19 @@ class Versions:
         if version != self.current:
             self.previous, self.current = self.current, version
         for old in [v for v in self.loaded if v not in (self.current, self.previous)]:
-            del self.loaded[old]
+            _, runner = self.loaded.pop(old)
+            if hasattr(runner, "close"):  # a scheduler finishes what it holds, then its thread ends
+                runner.close()
             logger.info("dropped artifact v%s", old)
 
     async def get(self, version: int | None):
-        """``(engine, batched decode)`` for ``version``."""
+        """``(engine, runner)`` for ``version``."""
         if version not in self.loaded:
             async with self._lock:
                 if version not in self.loaded:
                     folder = str(resolve(self.source, version))
                     engine = await asyncio.to_thread(self.load, folder)
-                    batched = serve.batch(**self.batching)(self.decode(engine))
-                    self.loaded[version] = (engine, batched)
+                    self.loaded[version] = (engine, self.runner(engine))
                     logger.info("loaded artifact v%s from %s on %s", version, folder, engine.device)
         return self.loaded[version]
 
@@ -94,25 +89,24 @@ class Versions:
 
 @serve.deployment
 class ModelDeployment:
-    """Decodes batches of requests; ``expert`` selects a merged single-expert model.
+    """Decodes requests with continuous batching; ``expert`` selects a merged single-expert model.
 
     Args:
         source: the run folder or artifact the app was started from; each request's version of it
             is served (:class:`Versions`), the current one set by ``user_config: {version: N}``.
         expert: serve this expert merged into the base, or None for the fused mixture.
-        max_batch_size: requests decoded together.
-        batch_wait_timeout_s: how long to wait to fill a batch.
+        max_running_requests: requests decoding at once (KV cache slots); more wait in arrival order.
+        max_batched_tokens: tokens one decoding step may run (running rows + admitted prompts).
     """
 
-    def __init__(self, source: str, expert: str | None = None, max_batch_size=16, batch_wait_timeout_s=0.01):
+    def __init__(self, source: str, expert: str | None = None, max_running_requests=32, max_batched_tokens=2048):
         self.expert = expert
         self.requests = self.cancelled = 0
+        limits = {"max_running": max_running_requests, "max_batched_tokens": max_batched_tokens}
         self.versions = Versions(
             source,
             functools.partial(Engine.from_artifact, expert=expert),
-            self._decoder,
-            max_batch_size,
-            batch_wait_timeout_s,
+            lambda engine: Scheduler(engine, **limits).start(),
         )
 
     async def reconfigure(self, user_config: dict) -> None:
@@ -120,42 +114,30 @@ class ModelDeployment:
         await self.versions.switch(user_config.get("version"))
 
     async def generate(self, payload: dict):
-        """Stream one request (``prompt_ids``, ``params``, ``expert_weights``, ``version``); it decodes
-        in a batch with whatever else arrived for the same version at the same time."""
+        """Stream one request (``prompt_ids``, ``params``, ``expert_weights``, ``version``): it joins
+        its version's running batch at the next decoding step; one dict per new token."""
         try:
-            _, batched = await self.versions.get(payload.get("version"))
+            _, scheduler = await self.versions.get(payload.get("version"))
         except Exception as err:  # e.g. a version deleted from disk or failing its checksums
             yield {"error": f"artifact v{payload.get('version')} cannot be served: {err}"}
             return
+        self.requests += 1
+        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
         # A client that goes away cancels this generator (Serve propagates the disconnect): its row
-        # stops decoding at the next step, and a batch waits only for its other rows.
+        # leaves the running batch at the next step and frees its slot.
         cancel, done = threading.Event(), False
+        scheduler.submit(
+            _request({**payload, "cancel": cancel}), lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+        )
         try:
-            async for delta in batched({**payload, "cancel": cancel}):
-                done = done or bool(delta and delta.get("finish_reason"))
-                yield delta
+            while not done:
+                delta = await deltas.get()
+                done = delta.finish_reason is not None
+                yield asdict(delta)
         finally:
             if not done:
                 cancel.set()
                 self.cancelled += 1
-
-    def _decoder(self, engine: Engine):
-        async def decode(payloads: list[dict]):
-            """Stream a batch: yields one list per step with a dict (new text/tokens), None (nothing
-            new this step) or StopIteration (that request has finished) per request."""
-            self.requests += len(payloads)
-            finished = [False] * len(payloads)
-            async for step in _steps(engine.stream([_request(p) for p in payloads])):
-                out = []
-                for i, delta in enumerate(step):
-                    if finished[i]:
-                        out.append(StopIteration)
-                        continue
-                    out.append(None if delta is None else asdict(delta))
-                    finished[i] = delta is not None and delta.finish_reason is not None
-                yield out
-
-        return decode
 
     def stats(self) -> dict:
         """What this replica served (tests use it to see where a request went)."""
@@ -166,6 +148,7 @@ class ModelDeployment:
             "cancelled": self.cancelled,
             "versions": sorted(self.versions.loaded, key=str),
             "current": self.versions.current,
+            "scheduler": {str(v): runner.stats() for v, (_, runner) in self.versions.loaded.items()},
         }
 
     def ready(self) -> bool:
@@ -185,7 +168,8 @@ class RouterDeployment:
 
     def __init__(self, source: str, max_batch_size=16, batch_wait_timeout_s=0.01):
         self.requests = 0
-        self.versions = Versions(source, Engine.from_artifact, self._router, max_batch_size, batch_wait_timeout_s)
+        batching = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+        self.versions = Versions(source, Engine.from_artifact, lambda engine: batching(self._router(engine)))
 
     async def reconfigure(self, user_config: dict) -> None:
         await self.versions.switch(user_config.get("version"))

@@ -186,8 +186,7 @@ def test_balance_loss_averages_over_blocks_then_logs():
 def test_prompt_context_is_the_mean_over_the_prompt_then_the_tokens_so_far():
     """`router.context: prompt`: every prompt token reads the mean of the whole (unpadded) prompt;
     each later token the mean of the prompt and the tokens after it up to itself."""
-    from loramix.routers import context_mean
-    from loramix.routing import CallState
+    from loramix.routing import CallState, context_mean
 
     x = torch.tensor([[[9.0], [1.0], [3.0], [5.0], [7.0]]])  # a pad, a prompt of 2, then 2 completion tokens
     attention = torch.tensor([[0, 1, 1, 1, 1]])

@@ -285,37 +285,37 @@ def test_blank_api_keys_are_errors_not_open_servers(monkeypatch):
 
 def test_a_replica_decodes_each_request_with_the_version_it_was_planned_for(tmp_path, monkeypatch):
     """During a rolling update a replica holds the new current version and the previous one: a
-    request planned for either decodes with that version's engine (one batch queue per version);
-    an older one is dropped and loaded again from its immutable folder if a request still asks."""
+    request planned for either decodes with that version's engine (one runner, a scheduler, per
+    version); an older one is dropped (its runner closed) and loaded again from its immutable
+    folder if a request still asks."""
     import asyncio
     from pathlib import Path
     from types import SimpleNamespace
 
-    from ray import serve
-
     from loramix.versions import publish
     from serve_app.deployments import Versions
 
-    # Outside a replica: the one thing `@serve.batch` reads from the replica context.
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=16))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     run = tmp_path / "run"
     for n, experts in enumerate([("reverse", "sort"), ("reverse", "shift"), ("sort", "shift")], start=1):
         assert publish(run, demo_artifact(tmp_path / f"staged{n}", experts=experts)) == n
-    loads = []
+    loads, closed = [], []
 
     def load(folder):
         loads.append(Path(folder).name)
         return SimpleNamespace(folder=Path(folder).name, device="cpu")
 
-    def decoder(engine):
-        async def decode(inputs: list[str]) -> list[str]:  # what a batch of requests gets: its engine's version
-            return [f"{engine.folder}:{x}" for x in inputs]
+    class Runner:  # what a request gets decoded by: its engine's version
+        def __init__(self, engine):
+            self.engine = engine
 
-        return decode
+        async def __call__(self, x: str) -> str:
+            return f"{self.engine.folder}:{x}"
+
+        def close(self):
+            closed.append(self.engine.folder)
 
     async def scenario():
-        versions = Versions(str(run / "artifact"), load, decoder, max_batch_size=4, batch_wait_timeout_s=0.01)
+        versions = Versions(str(run / "artifact"), load, Runner)
         await versions.switch(1)
         await versions.switch(2)  # an update: v1 stays for the requests planned for it
         _, v1 = await versions.get(1)
@@ -324,7 +324,7 @@ def test_a_replica_decodes_each_request_with_the_version_it_was_planned_for(tmp_
         assert answers == ["v1:a", "v2:b", "v1:c"]
         assert (versions.current, versions.previous, sorted(versions.loaded)) == (2, 1, [1, 2])
         await versions.switch(3)
-        assert sorted(versions.loaded) == [2, 3]  # v1 dropped
+        assert sorted(versions.loaded) == [2, 3] and closed == ["v1"]  # v1 dropped, its scheduler closed
         _, v1 = await versions.get(1)  # a straggler planned for v1: loaded again, not refused
         assert await v1("d") == "v1:d"
         with pytest.raises(Exception, match="has no version 7"):

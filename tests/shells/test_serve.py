@@ -312,6 +312,9 @@ def test_a_client_that_disconnects_stops_its_rows_decoding(world):
     while handle_stats("fused")["cancelled"] == before and time.monotonic() < deadline:
         time.sleep(0.2)
     assert handle_stats("fused")["cancelled"] == before + 1
+    while any(s["running"] for s in handle_stats("fused")["scheduler"].values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(s["running"] for s in handle_stats("fused")["scheduler"].values())  # its slot is free
     ok = post(world["url"], {**body, "max_tokens": 4})  # and the replica serves on
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -462,14 +465,18 @@ def redeploy_open(world, overrides=()) -> str:
     url = deploy(world["artifact"], cfg)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if all(requests.get(url + "/v1/models", timeout=10).status_code == 200 for _ in range(5)):
-            return url
+        try:  # the proxy holds requests while no ingress replica is up (a slow start on a busy machine)
+            if all(requests.get(url + "/v1/models", timeout=10).status_code == 200 for _ in range(5)):
+                return url
+        except requests.Timeout:
+            pass
         time.sleep(0.5)
     raise AssertionError("the keyed ingress replicas were still answering after 60 s")
 
 
 def test_overload_is_answered_at_once_with_503_and_retry_after(world):
-    url = redeploy_open(world, ["fused.max_ongoing_requests=1", "fused.max_queued_requests=1", "max_batch_size=1"])
+    limits = ["fused.max_ongoing_requests=1", "fused.max_queued_requests=1", "max_running_requests=1"]
+    url = redeploy_open(world, limits)
     body = {"model": "loramix", "prompt": PROMPTS["sort"], "max_tokens": 48, "temperature": 1.0, "seed": 1}
     answers = []
     for _ in range(5):  # new limits reach the ingress's handle within seconds (a config push, no restart)
