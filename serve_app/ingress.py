@@ -170,7 +170,8 @@ class IngressDeployment:
         tags = {"model": plan.model, "expert": plan.top_expert(result["route"]), "target": result["deployment"]}
         self.m_requests.inc(1, tags)
         self.m_prompt.inc(len(plan.prompt_ids), tags)
-        self.m_tokens.inc(result["completion_tokens"], tags)
+        if result["completion_tokens"]:  # Ray's counters refuse 0: an answer that is EOS at once has no tokens
+            self.m_tokens.inc(result["completion_tokens"], tags)
         self.m_latency.observe(time.perf_counter() - start, tags)
 
     async def _run(self, d: Dispatcher, plan: Plan) -> dict:

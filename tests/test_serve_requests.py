@@ -332,3 +332,21 @@ def test_a_replica_decodes_each_request_with_the_version_it_was_planned_for(tmp_
 
     asyncio.run(scenario())
     assert loads == ["v1", "v2", "v3", "v1"]
+
+
+def test_an_answer_that_is_eos_at_once_is_counted_without_failing_the_request():
+    """Ray's counters refuse an increment of 0: a completion with no tokens (EOS first) made the
+    ingress answer 500 after decoding it (seen in the serving benchmark's sampled requests)."""
+    from types import SimpleNamespace
+
+    from ray.util.metrics import Counter, Histogram
+
+    from serve_app.ingress import IngressDeployment
+
+    ingress = IngressDeployment.func_or_class.__new__(IngressDeployment.func_or_class)
+    tags = ("model", "expert", "target")
+    for name in ("m_requests", "m_tokens", "m_prompt"):
+        setattr(ingress, name, Counter(f"test_{name}", tag_keys=tags))
+    ingress.m_latency = Histogram("test_latency", boundaries=[1.0], tag_keys=tags)
+    plan = SimpleNamespace(model="loramix", prompt_ids=[1, 2], top_expert=lambda route: "none")
+    ingress._observe(plan, {"route": None, "deployment": "fused", "completion_tokens": 0}, 0.0)
