@@ -39,6 +39,7 @@ from loramix.serving import Completion, Delta, Engine, GenerationRequest, _gener
 logger = logging.getLogger(__name__)
 
 Deliver = Callable[[Delta], None]
+ADMIT_EVERY = 4  # steps a waiting request may wait for a busy engine to gather free slots
 
 
 @dataclass
@@ -180,7 +181,8 @@ class Scheduler:
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._started = self._closing = False
-        self.steps = self.admitted = self.finished = 0
+        self.steps = self.admitted = self.finished = self._last_admit = 0
+        self.admit_batch = max(1, max_running // 8)
 
     # ------------------------------------------------------------------------------ submitting
     def submit(self, request: GenerationRequest | Exception, deliver: Deliver) -> None:
@@ -230,6 +232,12 @@ class Scheduler:
 
     def _admit(self, budget: int) -> None:
         free = self.max_running - self.running
+        # Each admission costs a prefill forward (and a routing one): on a busy engine, gather a few
+        # free slots first rather than pay them for every row that leaves. Never more than
+        # ADMIT_EVERY steps of waiting, and at once while the engine has room to spare.
+        if self.running and free < self.admit_batch and self.steps - self._last_admit < ADMIT_EVERY:
+            return
+        self._last_admit = self.steps
         taken: list[tuple[GenerationRequest, Deliver]] = []
         with self._work:
             while self.waiting and free > 0:

@@ -128,7 +128,15 @@ def write_demo_data(out_dir: str | Path, tasks: list[str], train_size: int = 400
 
 
 def demo_artifact(
-    path, *, recipe: str = "moa", top_k: int = 1, experts=("reverse", "sort", "shift"), seed: int = 0, router_steps=30
+    path,
+    *,
+    recipe: str = "moa",
+    top_k: int = 1,
+    experts=("reverse", "sort", "shift"),
+    seed: int = 0,
+    router_steps=30,
+    hidden_size: int = 64,
+    num_layers: int = 2,
 ):
     """A saved mixture on the demo world in seconds, for tests and serving benchmarks: the char
     tokenizer (``path/tokenizer``), an untrained small Llama (``<path>-base``), random experts
@@ -143,7 +151,9 @@ def demo_artifact(
     path = Path(path)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    base = build_base(tokenizer, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4).eval()
+    base = build_base(
+        tokenizer, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=num_layers, num_heads=4
+    ).eval()
     adapters = {}
     for i, name in enumerate(experts):
         torch.manual_seed(seed + i + 1)

@@ -16,8 +16,10 @@ loramix config-help                                        every config key, def
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from loramix.config import ConfigError, config_help, load_config
 from loramix.lock import LockedError
@@ -117,6 +119,8 @@ def _change_experts(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.serving:
+        return _bench_serving(args)
     from benchmarks.bench import (  # lazy: `loramix --help` and config errors answer without loading torch/Ray
         run,
         summary,
@@ -126,6 +130,19 @@ def _bench(args) -> int:
     result = run(args.output, with_ray=args.ray, size="quick" if args.quick else args.size, **over)
     print(summary(result))
     print(f"\nwrote {args.output}/bench.json and bench.png")
+    return 0
+
+
+def _bench_serving(args) -> int:
+    from benchmarks import serving_bench  # lazy: `loramix --help` answers without loading torch/Ray
+
+    result = serving_bench.http_mix() if args.http else serving_bench.run(requests=args.requests, rate=args.rate)
+    print(serving_bench.http_summary(result) if args.http else serving_bench.summary(result))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "serving_http.json" if args.http else "serving.json"
+    (out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out / name}")
     return 0
 
 
@@ -254,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="the base's dtype (default float32)")
     p.add_argument("--ray", action="store_true", help="also training (ZeRO, concurrency) and serving on local Ray")
+    p.add_argument(
+        "--serving",
+        action="store_true",
+        help="only the serving engine: continuous vs static batching on one open-loop arrival trace",
+    )
+    p.add_argument("--requests", type=int, default=400, help="--serving: requests in the trace")
+    p.add_argument("--rate", type=float, default=200.0, help="--serving: arrivals per second (above capacity)")
+    p.add_argument("--http", action="store_true", help="--serving: the mix over real HTTP, 1 vs 32 clients")
     p.add_argument("--output", default="out/bench")
     p.set_defaults(func=_bench)
     p = sub.add_parser("versions", help="list a run's artifact versions (* marks the one OUTPUT/artifact names)")

@@ -40,6 +40,16 @@ def _request(payload: dict) -> GenerationRequest | Exception:
         return ValueError(f"bad request payload: {err}")
 
 
+def _merged(deltas: list) -> dict:
+    """Consecutive Deltas of one request as one (a stream chunk may carry several tokens)."""
+    out = asdict(deltas[0])
+    for d in deltas[1:]:
+        out["text"] += d.text
+        out["token_ids"] += d.token_ids
+        out["finish_reason"], out["error"] = d.finish_reason, d.error
+    return out
+
+
 class Versions:
     """A replica's engines by artifact version: each request names the version it was planned
     for (its expert weights index that version's experts) and is decoded by that version's
@@ -131,9 +141,11 @@ class ModelDeployment:
         )
         try:
             while not done:
-                delta = await deltas.get()
-                done = delta.finish_reason is not None
-                yield asdict(delta)
+                batch = [await deltas.get()]
+                while not deltas.empty():  # the consumer fell behind: one message for what piled up
+                    batch.append(deltas.get_nowait())
+                done = batch[-1].finish_reason is not None
+                yield _merged(batch)
         finally:
             if not done:
                 cancel.set()

@@ -350,3 +350,11 @@ def test_an_answer_that_is_eos_at_once_is_counted_without_failing_the_request():
     ingress.m_latency = Histogram("test_latency", boundaries=[1.0], tag_keys=tags)
     plan = SimpleNamespace(model="loramix", prompt_ids=[1, 2], top_expert=lambda route: "none")
     ingress._observe(plan, {"route": None, "deployment": "fused", "completion_tokens": 0}, 0.0)
+
+
+def test_deltas_that_piled_up_go_out_as_one_chunk():
+    from loramix.serving import Delta
+    from serve_app.deployments import _merged
+
+    out = _merged([Delta("a", [5], route=[1.0, 0.0]), Delta("b", [6]), Delta("", [], "stop")])
+    assert out == {"text": "ab", "token_ids": [5, 6], "finish_reason": "stop", "route": [1.0, 0.0], "error": None}
