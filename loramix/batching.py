@@ -210,7 +210,7 @@ class Scheduler:
             self.submit(r, ds.append)
         while not self.idle():
             self.step()
-        return [_completion(r, ds) for r, ds in zip(requests, parts)]
+        return [Completion.of(r, ds) for r, ds in zip(requests, parts)]
 
     # ------------------------------------------------------------------------------ stepping
     @torch.inference_mode()
@@ -373,14 +373,3 @@ class Scheduler:
             "running": self.running,
             "waiting": len(self.waiting),
         }
-
-
-def _completion(request, deltas: list[Delta]) -> Completion:
-    return Completion(
-        "".join(d.text for d in deltas),
-        [t for d in deltas for t in d.token_ids],
-        deltas[-1].finish_reason if deltas else "cancelled",
-        deltas[0].route if deltas else None,
-        0 if isinstance(request, Exception) else len(request.prompt_ids),
-        deltas[-1].error if deltas else None,
-    )

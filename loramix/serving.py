@@ -92,6 +92,18 @@ class Completion:
     prompt_tokens: int
     error: str | None = None
 
+    @classmethod
+    def of(cls, request: GenerationRequest | Exception, deltas: list[Delta]) -> Completion:
+        """A request's Deltas, collected (none: it was cancelled)."""
+        return cls(
+            "".join(d.text for d in deltas),
+            [t for d in deltas for t in d.token_ids],
+            deltas[-1].finish_reason if deltas else "cancelled",
+            deltas[0].route if deltas else None,
+            0 if isinstance(request, Exception) else len(request.prompt_ids),
+            deltas[-1].error if deltas else None,
+        )
+
 
 @dataclass
 class _Row:
@@ -255,17 +267,7 @@ class Engine:
             for i, delta in enumerate(step):
                 if delta is not None:
                     parts[i].append(delta)
-        return [
-            Completion(
-                "".join(d.text for d in ds),
-                [t for d in ds for t in d.token_ids],
-                ds[-1].finish_reason if ds else "cancelled",
-                ds[0].route if ds else None,
-                0 if isinstance(r, Exception) else len(r.prompt_ids),
-                ds[-1].error if ds else None,
-            )
-            for r, ds in zip(requests, parts)
-        ]
+        return [Completion.of(r, ds) for r, ds in zip(requests, parts)]
 
     # ------------------------------------------------------------------------------------ internals
     def _pad(self, prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
