@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -52,7 +51,6 @@ class _Live:
     gen: torch.Generator
     length: int  # tokens in its cache
     token: int = 0  # last sampled token, fed at the next step
-    admitted: float = 0.0
 
 
 class _Batch:
@@ -103,12 +101,11 @@ class _Batch:
             if record:
                 routes = mixture.take_route(mask).tolist()
         if call is not None:
-            call = CallState.concat([call])  # the rows' decoding state, without prompt masks
-            self.call = call if self.call is None else CallState.concat([self.call, call])
+            # The rows' decoding state (without prompt masks), after those already running.
+            self.call = CallState.concat([call] if self.call is None else [self.call, call])
         logits = out.logits[torch.arange(b, device=device), torch.searchsorted(keep, last)]
-        now = time.perf_counter()
         lives = [
-            _Live(r, deliver, _Row(r, engine.tokenizer, route), _generator(r.params.seed), n, admitted=now)
+            _Live(r, deliver, _Row(r, engine.tokenizer, route), _generator(r.params.seed), n)
             for (r, deliver), route, n in zip(new, routes or [None] * b, lengths)
         ]
         self.live += lives
@@ -257,13 +254,17 @@ class Scheduler:
             return
         self.admitted += len(taken)
         try:
-            modes = list(self._modes(taken))
+            groups = list(self.engine._groups([r for r, _ in taken]))
         except Exception as err:  # the router failed on these prompts: they end, the running rows go on
             logger.exception("routing admitted requests failed")
             for _, deliver in taken:
                 deliver(Delta("", [], "error", error=f"routing failed: {type(err).__name__}: {err}"))
             return
-        for mode, rows, weights, routes in modes:
+        for index, weights, routes in groups:
+            # Fixed gates (explicit, pinned, a sequence router's) decode together; rows a block/token
+            # router gates inside the forward apart, as Engine.stream groups them.
+            mode = "plain" if self.engine.mixture is None else "routed" if weights is None else "fixed"
+            rows = [taken[i] for i in index]
             batch = self.batches.get(mode)
             if batch is None:
                 batch = self.batches[mode] = _Batch(self.engine, self.max_running)
@@ -282,28 +283,6 @@ class Scheduler:
         except (ValueError, TypeError) as err:
             return str(err)
         return None
-
-    def _modes(self, taken):
-        """``(mode, rows, weights [b, E] | None, routes | None)``: rows with fixed gates decode
-        together (``fixed``), rows a block/token router gates in the forward apart (``routed``)."""
-        engine, mixture = self.engine, self.engine.mixture
-        if mixture is None:
-            yield "plain", taken, None, None
-            return
-        if engine.pinned is not None:  # served as one expert: no route to report
-            yield "fixed", taken, torch.tensor([engine.pinned] * len(taken), device=engine.device), None
-            return
-        fixed = [(i, list(map(float, r.expert_weights))) for i, (r, _) in enumerate(taken) if r.expert_weights]
-        routed = [i for i, (r, _) in enumerate(taken) if r.expert_weights is None]
-        if routed and mixture.router.fixed_per_prompt:
-            fixed += zip(routed, engine.route([taken[i][0].prompt_ids for i in routed]))
-            routed = []
-        if fixed:
-            fixed.sort()
-            weights = [w for _, w in fixed]
-            yield "fixed", [taken[i] for i, _ in fixed], torch.tensor(weights, device=engine.device), weights
-        if routed:
-            yield "routed", [taken[i] for i in routed], None, None
 
     def _guarded(self, batch: _Batch, rows, run, *args, new=None) -> bool:
         """Run a forward; if it raises, its rows (running ``rows`` or the ``new`` ones) end with an
