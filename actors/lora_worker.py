@@ -51,6 +51,9 @@ class DeepSpeedStepper:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def anneal(self, start: int, steps: int) -> None:
+        loops.anneal(self.engine.lr_scheduler, start, steps)  # the LambdaLR handed to deepspeed.initialize
+
 
 def pad_batch(batch: dict, pad_id: int, device) -> dict[str, torch.Tensor]:
     """Left-pad a Ray Data numpy batch of variable-length ``input_ids``/``labels`` lists."""
@@ -209,7 +212,11 @@ def train_lora_worker(config: dict) -> None:
             shard_batches(val_shard, cfg.batch_size, tokenizer.pad_token_id, device, steps=1 << 30, seed=0, epochs=1)
         )
         validation = loops.Validation(
-            validator(engine, val), every=cfg.eval_every, patience=cfg.patience, takeoff=cfg.takeoff
+            validator(engine, val),
+            every=cfg.eval_every,
+            patience=cfg.patience,
+            takeoff=cfg.takeoff,
+            cooldown=cfg.cooldown,
         )
         validation.snapshot, validation.restore = gathered_snapshot(engine, model)
     start = 0

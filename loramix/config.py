@@ -146,6 +146,9 @@ class LoraConfigBase(OptimConfig):
     takeoff: float = Field(0.5, gt=0, le=1)
     """Patience counts only once the validation loss fell below this fraction of its first value (or
     rose to 1.5x it): a loss flat from the start is a plateau to train through (1: patience alone)."""
+    cooldown: int = Field(100, ge=0)
+    """Once patience runs out: back to the best weights, then this many more steps with the learning
+    rate falling linearly to 0 (never past `steps`; 0: stop at once)."""
 
 
 class ExpertConfig(LoraConfigBase):

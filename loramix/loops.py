@@ -2,7 +2,7 @@
 
 Loops never read globals or the environment. ``report(metrics, ckpt_dir | None)`` is passed in
 (Ray shells pass a wrapper of ``ray.train.report``; tests pass ``lambda m, c: seen.append(m)``).
-The optimizer is behind a :class:`Stepper` (``backward``, ``step``, ``lr``), so the same loop
+The optimizer is behind a :class:`Stepper` (``backward``, ``step``, ``lr``, ``anneal``), so the same loop
 runs with a torch AdamW here and a DeepSpeed engine in ``actors/``.
 """
 
@@ -33,6 +33,7 @@ class Stepper(Protocol):
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self) -> float: ...  # returns the gradient norm before clipping
     def lr(self) -> float: ...
+    def anneal(self, start: int, steps: int) -> None: ...  # see :func:`anneal`
 
 
 def accelerator() -> torch.device:
@@ -67,6 +68,15 @@ def warmup_cosine(cfg: OptimConfig) -> Callable[[int], float]:
     return factor
 
 
+def anneal(scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, steps: int) -> None:
+    """From step ``start`` on, the learning rate falls linearly from its value there to 0 over
+    ``steps`` steps: the cooldown after early stopping (a warmup-stable-decay schedule's decay,
+    started when the validation loss says so). A pure function of the step, so a run resumed in
+    the middle of its cooldown calls it again with the same arguments and gets the same rates."""
+    start_factors = [f(start) for f in scheduler.lr_lambdas]
+    scheduler.lr_lambdas = [lambda k, f0=f0: f0 * max(0.0, 1 - (k - start) / steps) for f0 in start_factors]
+
+
 def adamw(params: list[nn.Parameter], cfg: OptimConfig):
     """``(AdamW, its warmup/cosine LambdaLR)``: the optimiser of every LoRA and router."""
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -96,6 +106,9 @@ class TorchStepper:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def anneal(self, start: int, steps: int) -> None:
+        anneal(self.scheduler, start, steps)
+
 
 DIVERGED = 1.5  # a validation loss this far above the first one is divergence, not a noisy plateau
 LEARNED_LOSS = 0.1  # nats per completion token (~90% on the right token): a loss this low has nothing to take off from
@@ -112,11 +125,16 @@ def took_off(history, takeoff: float) -> bool:
 class Validation:
     """Stop on the validation loss: ``steps`` becomes a maximum (as HF's EarlyStoppingCallback).
 
-    Every ``every`` steps ``validate()`` gives the loss of held-out rows; a value below the best by
-    more than ``min_rel_delta`` of it and by more than ``min_delta`` nats (so a loss already near
-    zero does not keep "improving" by noise) is an improvement. After ``patience`` evaluations
-    without one training stops (0: never). The weights of the best evaluation are kept: ``snapshot()`` copies
-    them, ``restore(copy)`` puts them back at the end (a DeepSpeed shell passes gather-aware ones).
+    Every ``every`` steps ``validate()`` gives the loss of held-out rows; a value below the last
+    improvement's by more than ``min_rel_delta`` of it and by more than ``min_delta`` nats (so a
+    loss already near zero does not keep "improving" by noise) is an improvement. After
+    ``patience`` evaluations without one, training stops (0: never), or with ``cooldown`` steps it
+    first goes back to the best weights and anneals the learning rate to 0 over that many steps
+    (:func:`run_steps`): measured on experts stopped at 350-650 steps, this took held-out `mask`
+    from 0.925 to 0.99 exact match and the demo's `swap` from 0.835 to 0.97, where stopping left
+    the weights of a learning rate still near its peak. The weights of the lowest validation loss
+    are kept (as HF's ``load_best_model_at_end``): ``snapshot()`` copies them, ``restore(copy)``
+    puts them back (a DeepSpeed shell passes gather-aware ones).
     """
 
     validate: Callable[[], float]
@@ -125,12 +143,15 @@ class Validation:
     takeoff: float = 0.5
     min_rel_delta: float = 0.01
     min_delta: float = 1e-3
+    cooldown: int = 0
     snapshot: Callable[[], object] | None = None
     restore: Callable[[object], None] | None = None
     history: list[tuple[int, float]] = field(default_factory=list)
-    best: tuple[int, float] | None = None
-    _best_state: object = None
+    best: tuple[int, float] | None = None  # the lowest validation loss: its weights are kept
+    cooling: int | None = None  # the step the cooldown began
+    _mark: float | None = None  # the loss of the last improvement (patience counts from it)
     _bad: int = 0
+    _best_state: object = None
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.every == 0 or last
@@ -139,12 +160,16 @@ class Validation:
         """Evaluate at ``step``; True when training should stop."""
         loss = float(self.validate())
         self.history.append((step, loss))
-        if self.best is None or loss < self.best[1] - max(self.best[1] * self.min_rel_delta, self.min_delta):
-            self.best, self._bad = (step, loss), 0
+        if self.best is None or loss < self.best[1]:
+            self.best = (step, loss)
             if self.snapshot is not None:
                 self._best_state = self.snapshot()
+        if self._mark is None or loss < self._mark - max(self._mark * self.min_rel_delta, self.min_delta):
+            self._mark, self._bad = loss, 0
             return False
         self._bad += 1
+        if self.cooling is not None:
+            return False  # the cooldown runs its course
         diverging = loss > DIVERGED * self.history[0][1]
         return self.patience > 0 and (took_off(self.history, self.takeoff) or diverging) and self._bad >= self.patience
 
@@ -157,7 +182,13 @@ class Validation:
         """Write the state a resumed run needs (history, best, the best weights) to ``directory``."""
 
         directory.mkdir(parents=True, exist_ok=True)
-        state = {"history": self.history, "best": self.best, "bad": self._bad}
+        state = {
+            "history": self.history,
+            "best": self.best,
+            "mark": self._mark,
+            "bad": self._bad,
+            "cooling": self.cooling,
+        }
         (directory / "validation.json").write_text(json.dumps(state))
         if self._best_state is not None:
             save_file(
@@ -173,14 +204,16 @@ class Validation:
         self.history = [tuple(h) for h in state["history"]]
         self.best = tuple(state["best"]) if state["best"] else None
         self._bad = state["bad"]
+        self._mark = state.get("mark", self.best[1] if self.best else None)
+        self.cooling = state.get("cooling")
         if (directory / "best.safetensors").is_file():
             tensors = load_file(str(directory / "best.safetensors"))
             self._best_state = [tensors[str(i)] for i in range(len(tensors))]
 
     @property
     def still_improving(self) -> bool:
-        """The last evaluation was the best: more steps would likely have helped."""
-        return bool(self.history) and self.best is not None and self.best[0] == self.history[-1][0]
+        """The last evaluation was an improvement: more steps would likely have helped."""
+        return bool(self.history) and self._bad == 0
 
 
 def snapshot_trainable(model: nn.Module):
@@ -215,11 +248,14 @@ def run_steps(
 
     Args:
         max_steps: the last step (the schedule's length); with ``validation`` training may stop earlier.
-        validation: early stopping on held-out rows; its steps also report ``val_loss``.
+        validation: early stopping on held-out rows; its steps also report ``val_loss``. With
+            ``validation.cooldown``, stopping restores the best weights and anneals the learning
+            rate to 0 over that many more steps (never past ``max_steps``) before it ends.
 
     Returns:
         ``{"steps", "final_loss", "losses", "seconds"}`` (``final_loss``: mean of the last 10 steps),
         plus with ``validation``: ``stopped`` (``early`` or ``max_steps``), ``best_step``,
+        ``cooldown_from`` (the step early stopping began the cooldown, or None),
         ``val_losses`` ``[[step, loss], ...]`` and ``still_improving``.
     """
     model.train()
@@ -227,6 +263,10 @@ def run_steps(
     losses: list[float] = []
     started = time.perf_counter()
     step, stopped = start_step, "max_steps"
+    cool_until = None
+    if validation is not None and validation.cooling is not None:  # resumed in the middle of a cooldown
+        stepper.anneal(validation.cooling, validation.cooldown)
+        cool_until, stopped = validation.cooling + validation.cooldown, "early"
     for step, batch in enumerate(batches, start=start_step + 1):
         t0 = time.perf_counter()
         batch = to_device(batch, device)
@@ -244,7 +284,7 @@ def run_steps(
             **extra,
         }
         stop = False
-        if validation is not None and validation.due(step, step == max_steps):
+        if validation is not None and validation.due(step, step in (max_steps, cool_until)):
             model.eval()
             with torch.no_grad():
                 stop = validation.update(step)
@@ -259,12 +299,22 @@ def run_steps(
             on_step(step)
         if stop:
             stopped = "early"
-            logger.info(
-                "step %d: validation loss stopped improving (best %.4f at step %d); stopping",
-                step,
-                validation.best[1],
-                validation.best[0],
-            )
+            best_step, best_loss = validation.best
+            if validation.cooldown and (max_steps is None or step < max_steps):
+                validation.finish(step)  # back to the best weights, then a decaying learning rate
+                validation.cooling, cool_until = step, step + validation.cooldown
+                stepper.anneal(step, validation.cooldown)
+                logger.info(
+                    "step %d: validation loss stopped improving (best %.4f at step %d); cooling down over %d steps",
+                    *(step, best_loss, best_step, min(cool_until, max_steps or cool_until) - step),
+                )
+            else:
+                logger.info(
+                    "step %d: validation loss stopped improving (best %.4f at step %d); stopping",
+                    *(step, best_loss, best_step),
+                )
+                break
+        if step == cool_until:
             break
     model.eval()
     tail = losses[-10:]
@@ -279,6 +329,7 @@ def run_steps(
         summary |= {
             "stopped": stopped,
             "best_step": validation.best[0] if validation.best else None,
+            "cooldown_from": validation.cooling,
             "val_losses": [list(h) for h in validation.history],
             "still_improving": validation.still_improving,
         }

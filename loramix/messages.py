@@ -61,6 +61,7 @@ class LoraResult(Result):
     data: str  # where its rows came from
     stopped: str = "max_steps"  # or "early"
     best_step: int | None = None
+    cooldown_from: int | None = None  # the step early stopping began the learning-rate cooldown
     val_losses: list[list[float]] = field(default_factory=list)
     still_improving: bool = False
     zero_stage: int | None = None

@@ -28,6 +28,7 @@ TRAINING_KEYS = (
     "max_steps",
     "stopped",
     "best_step",
+    "cooldown_from",
     "final_loss",
     "seconds",
     "trainable_params",

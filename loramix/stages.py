@@ -180,7 +180,11 @@ def train_lora(spec: LoraSpec, cfg: LoramixConfig, base, tokenizer, progress: Pr
         if not spec.val or not o.patience:
             return None
         return loops.Validation(
-            val_loss_fn(model, spec.val, o.batch_size, pad), every=o.eval_every, patience=o.patience, takeoff=o.takeoff
+            val_loss_fn(model, spec.val, o.batch_size, pad),
+            every=o.eval_every,
+            patience=o.patience,
+            takeoff=o.takeoff,
+            cooldown=o.cooldown,
         )
 
     it = data.batches(spec.train, o.batch_size, pad, seed=cfg.seed, steps=o.steps)
@@ -210,6 +214,7 @@ def lora_result(spec: LoraSpec, summary: dict, trainable: int, seconds: float, *
         data=spec.data,
         stopped=summary.get("stopped", "max_steps"),
         best_step=summary.get("best_step"),
+        cooldown_from=summary.get("cooldown_from"),
         val_losses=summary.get("val_losses", []),
         still_improving=summary.get("still_improving", False),
         **extra,

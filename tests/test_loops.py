@@ -101,3 +101,97 @@ def test_early_stopping_waits_for_the_loss_to_take_off():
     assert stop_step() == 2  # but a loss far above where it started is divergence: patience counts
     curve = [0.05, 0.049, 0.049, 0.049, 0.049]
     assert stop_step() == 2  # learned before its first validation: nothing to take off from
+
+
+class ScriptedValidation:
+    """A toy model, its batches and a scripted validation curve for :func:`run_steps`."""
+
+    def __init__(self, curve, *, steps=20, cooldown=5, lr=0.1):
+        from loramix.loops import Validation, snapshot_trainable
+
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(2, 1)
+        self.stepper = TorchStepper(self.model.parameters(), ExpertConfig(steps=steps, lr=lr, warmup_ratio=0.0))
+        self.check = Validation(iter(curve).__next__, every=1, patience=2, takeoff=1.0, cooldown=cooldown)
+        self.check.snapshot, self.check.restore = snapshot_trainable(self.model)
+        self.after, self.before = {}, []  # weights after each step; weights each step started from
+        self.metrics = []
+
+    def weights(self):
+        return torch.cat([p.detach().flatten() for p in self.model.parameters()]).clone()
+
+    def run(self, n, *, start=0, max_steps=20):
+        x = torch.ones(1, 2)
+
+        def loss_fn(model, batch):
+            self.before.append(self.weights())
+            return model(x).sum(), {}
+
+        return run_steps(
+            self.model,
+            [{"attention_mask": torch.ones(1, 1)}] * n,
+            loss_fn,
+            self.stepper,
+            report=lambda m, c: self.metrics.append(m),
+            start_step=start,
+            max_steps=max_steps,
+            validation=self.check,
+            on_step=lambda step: self.after.__setitem__(step, self.weights()),
+        )
+
+
+# best 0.5 at step 2, two validations without an improvement: early stopping at step 4; then a
+# cooldown whose step 7 beats the best.
+CURVE = [1.0, 0.5, 0.6, 0.7, 0.9, 0.8, 0.45, 0.55, 0.6]
+
+
+def test_early_stopping_cools_down_from_the_best_weights():
+    """Patience out at step 4: the weights go back to step 2's (the best), the learning rate falls
+    linearly to 0 over `cooldown` = 5 more steps, and the weights of the lowest validation loss
+    (step 7, inside the cooldown) are the ones kept."""
+    run = ScriptedValidation(CURVE)
+    out = run.run(20)
+    assert out["steps"] == 9 and out["stopped"] == "early" and out["cooldown_from"] == 4
+    assert out["best_step"] == 7 and [s for s, _ in out["val_losses"]] == list(range(1, 10))
+    torch.testing.assert_close(run.before[4], run.after[2])  # step 5 started from the best weights
+    lr = {m["step"]: m["lr"] for m in run.metrics}
+    assert lr[4] == pytest.approx(0.1 * warmup_cosine(ExpertConfig(steps=20, warmup_ratio=0.0))(4))
+    assert [lr[s] / lr[4] for s in range(5, 10)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
+    torch.testing.assert_close(run.weights(), run.after[7])
+    assert not out["still_improving"]  # stopped early: no under-trained warning
+
+
+def test_a_cooldown_never_runs_past_the_step_budget():
+    run = ScriptedValidation(CURVE)
+    out = run.run(6, max_steps=6)
+    assert out["steps"] == 6 and out["stopped"] == "early" and out["cooldown_from"] == 4
+    run = ScriptedValidation(CURVE, cooldown=0)
+    out = run.run(20)
+    assert out["steps"] == 4 and out["cooldown_from"] is None and out["best_step"] == 2
+    torch.testing.assert_close(run.weights(), run.after[2])
+
+
+def test_a_run_resumed_inside_its_cooldown_gets_the_same_learning_rates(tmp_path):
+    """The worker checkpoints mid-cooldown and a relaunch resumes: the saved validation state
+    re-applies the same annealing, so steps 7-9 run at the uninterrupted run's rates."""
+    whole = ScriptedValidation(CURVE)
+    whole.run(20)
+    first = ScriptedValidation(CURVE)
+    first.run(6)
+    first.check.save(tmp_path)
+    again = ScriptedValidation(CURVE[6:])
+    again.check.load(tmp_path)
+    again.model.load_state_dict(first.model.state_dict())
+    again.stepper.optimizer.load_state_dict(first.stepper.optimizer.state_dict())
+    again.stepper.scheduler.load_state_dict(first.stepper.scheduler.state_dict())  # what DeepSpeed restores
+    out = again.run(14, start=6)
+    assert out["steps"] == 9 and out["cooldown_from"] == 4 and out["stopped"] == "early"
+    assert [m["lr"] for m in again.metrics] == pytest.approx([m["lr"] for m in whole.metrics[6:]])
+
+
+def test_the_best_weights_are_the_lowest_loss_while_patience_counts_real_improvements():
+    """A loss that creeps down by less than 1% is no improvement for patience (training stops), but
+    the lowest loss's weights are still the ones kept (as HF's load_best_model_at_end)."""
+    run = ScriptedValidation([1.0, 0.5, 0.4999, 0.4998], cooldown=0)
+    out = run.run(20)
+    assert out["steps"] == 4 and out["best_step"] == 4
