@@ -47,10 +47,13 @@ class Stopped(RuntimeError):
 
 def stop_reason(progress) -> str | None:
     """Why the run was stopped, or None while it goes on. A dead ProgressActor means its driver is gone."""
-    if progress is None:
-        return None
+    return None if progress is None else _ask(progress.stopped)
+
+
+def _ask(method, *args) -> str | None:
+    """``method.remote(*args)``'s answer (a stop reason or None); :data:`GONE` if the actor died."""
     try:
-        return ray.get(progress.stopped.remote())
+        return ray.get(method.remote(*args))
     except ray.exceptions.RayActorError:
         return GONE
 
@@ -59,10 +62,7 @@ def stop_reason(progress) -> str | None:
 def stage_running(progress, name: str):
     """Refuse to start a stopped run's stage; tell the driver which stages are running (it waits for them)."""
     if progress is not None:
-        try:
-            reason = ray.get(progress.begin.remote(name))
-        except ray.exceptions.RayActorError:
-            reason = GONE
+        reason = _ask(progress.begin, name)
         if reason is not None:
             raise Stopped(f"stage `{name}` not started: the run was stopped ({reason})")
     try:

@@ -89,10 +89,9 @@ def stage_data(cfg: LoramixConfig, out: Path) -> LoramixConfig:
     return absolute_paths(with_paths(cfg, copies) if copies else cfg)
 
 
-def submit(cfg: LoramixConfig, progress) -> tuple[dict, list[str]]:
+def submit(cfg: LoramixConfig, stages: list[plan.Stage], progress) -> tuple[dict, list[str]]:
     """Submit every stage that is not cached; returns ``(name -> result or ref, cached names)``."""
     ctx = plan.Context.create(cfg)
-    stages = plan.build_plan(cfg)
     hashes = plan.digests(stages, ctx)
     nodes, cached = {}, []
     for stage in stages:
@@ -124,9 +123,10 @@ def run_pipeline(
             check_fits(cfg, ray.cluster_resources())
         t0 = time.perf_counter()
         progress = ProgressActor.remote()
-        nodes, cached = submit(cfg, progress)
+        stages = plan.build_plan(cfg)
+        nodes, cached = submit(cfg, stages, progress)
         refs = {k: v for k, v in nodes.items() if isinstance(v, ray.ObjectRef)}
-        trainers = frozenset(s.name for s in plan.build_plan(cfg) if s.kind == "lora")
+        trainers = frozenset(s.name for s in stages if s.kind == "lora")
         stall = cfg.train.stall_timeout_s if local else None
         results = wait_with_bars(refs, progress, stall_timeout_s=stall, trainers=trainers)
         results |= {k: v for k, v in nodes.items() if not isinstance(v, ray.ObjectRef)}
