@@ -58,6 +58,15 @@ def save_mixture(mm, path: str | Path, *, base_path: str | None = None) -> None:
     logger.info("saved mixture of %d experts to %s", len(mm.expert_names), path)
 
 
+def read_router(path: str | Path) -> tuple[list[str], dict]:
+    """``(expert names, router weights)`` of the mixture artifact at ``path`` (a router warm start)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not manifest.get("router"):
+        raise ValueError(f"{str(path)!r} has no router to start from.")
+    return manifest["expert_names"], load_file(str(path / "router" / "router.safetensors"))
+
+
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     if not (path / "manifest.json").is_file():

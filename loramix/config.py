@@ -179,6 +179,9 @@ class RouterConfig(OptimConfig):
     """MoDULA: a token's router reads its layer input (`token`, the paper's) or the mean over the prompt up to it."""
     label_coef: float = Field(0.0, ge=0)
     """MoLE/MoDULA: weight of a cross-entropy of each gate against the row's expert (0: the papers' label-free loss)."""
+    warm_start: str | None = None
+    """A mixture artifact whose router this one starts from: experts both have keep their learned rows, new
+    ones start at zero. `add-domain` and the other expert commands set it to the run's current version."""
 
 
 class TrainConfig(Section):

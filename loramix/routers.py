@@ -145,6 +145,7 @@ class Router(nn.Module):
     recipe: ClassVar[str]
     granularity: ClassVar[str]  # "sequence" | "block" | "token"
     fixed_per_prompt: ClassVar[bool] = False  # weights known before the forward (serving batches them as such)
+    per_expert: ClassVar[tuple[str, ...]] = ()  # parameters (name prefixes) with one row per expert (dim 0)
 
     def __init__(self, expert_names: Sequence[str], dims: RouterDims, top_k: int = 1):
         super().__init__()
@@ -161,6 +162,33 @@ class Router(nn.Module):
     def config(self) -> dict:
         """Constructor kwargs beyond names/dims/top_k, saved in ``router/config.json``."""
         return {}
+
+    @torch.no_grad()
+    def warm_start(self, state: dict[str, torch.Tensor], expert_names: Sequence[str]) -> list[str]:
+        """Start from another router's weights ``state`` over ``expert_names`` (the run's router
+        before an expert was added, replaced or removed): each expert both routers have keeps its
+        rows, a new expert's rows keep their zero init, the rest is copied. Returns the experts kept.
+
+        Raises:
+            ValueError: if ``state`` is not a router of this kind and shape (other recipe or model).
+        """
+        old = {n: i for i, n in enumerate(expert_names)}
+        kept = [n for n in self.expert_names if n in old]
+        own = self.state_dict()
+        if set(state) != set(own):
+            raise ValueError(f"cannot warm-start a {self.recipe!r} router from another kind of router's weights.")
+        for key, param in own.items():
+            src = state[key].to(param.device, param.dtype)
+            if key.startswith(self.per_expert):
+                if src.shape[1:] != param.shape[1:] or src.shape[0] != len(expert_names):
+                    raise ValueError(f"cannot warm-start {key!r}: shape {tuple(src.shape)} vs {tuple(param.shape)}.")
+                for name in kept:
+                    param[self.expert_names.index(name)] = src[old[name]]
+            elif src.shape == param.shape:
+                param.copy_(src)
+            else:
+                raise ValueError(f"cannot warm-start {key!r}: shape {tuple(src.shape)} vs {tuple(param.shape)}.")
+        return kept
 
     def gates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(probs, gates)`` of ``logits``; straight-through top-k while training."""
@@ -207,6 +235,7 @@ class SequenceRouter(Router):
 
     recipe = "moa"
     granularity = "sequence"
+    per_expert = ("classifier.",)
     fixed_per_prompt = True
 
     def __init__(self, expert_names, dims: RouterDims, top_k: int = 1):
@@ -265,6 +294,7 @@ class BlockGate(Router):
 
     recipe = "mole"
     granularity = "block"
+    per_expert = ("gate.",)
 
     def __init__(self, expert_names, dims: RouterDims, top_k: int = 1, temperature: float = 1.0):
         super().__init__(expert_names, dims, top_k)
@@ -327,6 +357,7 @@ class TokenRouter(Router):
 
     recipe = "modula"
     granularity = "token"
+    per_expert = ("gate.",)
 
     def __init__(self, expert_names, dims: RouterDims, top_k: int = 1, context: str = "token"):
         super().__init__(expert_names, dims, top_k)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramix import data, evaluate, loops, recipes, router_training, synthetic
 from loramix.artifact import atomic_dir
+from loramix.checkpoint import read_router
 from loramix.config import ExpertConfig, LoramixConfig, OptimConfig
 from loramix.merge_baselines import merge_adapters
 from loramix.messages import BaseResult, Context, EvalResult, LoraResult, Progress, RouterResult, quiet
@@ -260,11 +261,25 @@ def router_examples(cfg: LoramixConfig, tokenizer, names: list[str]) -> list[dat
 
 
 def router_setup(cfg: LoramixConfig, base: BaseResult, adapters: dict[str, str], universal: str | None, tokenizer):
-    """The mixture with a fresh router, and its training batches."""
+    """The mixture with a fresh router (or one warm-started from ``router.warm_start``), and its training batches."""
     mm = build_mixture(cfg, load_base(cfg, base), adapters, universal)
+    if cfg.router.warm_start:
+        warm_start(mm.router, cfg.router.warm_start)
     rows = router_examples(cfg, tokenizer, mm.expert_names)
     it = data.batches(rows, cfg.router.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=cfg.router.steps)
     return mm, it
+
+
+def warm_start(router, artifact: str) -> None:
+    """Start ``router`` from the router of the mixture at ``artifact`` (:meth:`Router.warm_start`);
+    one that is gone or of another kind (the config's recipe changed since) leaves it fresh."""
+    try:
+        names, state = read_router(artifact)
+        kept = router.warm_start(state, names)
+    except (OSError, ValueError) as err:
+        logger.warning("router.warm_start %s not used, the router starts fresh: %s", artifact, err)
+        return
+    logger.info("router warm-started from %s: %d of %d experts kept", artifact, len(kept), len(router.expert_names))
 
 
 def router_stage(ctx: Context, inputs: dict, progress: Progress = quiet) -> RouterResult:

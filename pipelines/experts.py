@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from loramix import versions
 from loramix.adapters import copy_adapter
 from loramix.artifact import file_digest, read_json, write_json
 from loramix.config import ConfigError, DomainConfig, LoramixConfig, load_config
@@ -109,7 +110,11 @@ def _change(output: str | Path, kind: str, name: str, edit: Edit, address, *, ne
         if not new and name not in names:
             raise ConfigError(f"{str(out)!r} has no expert {name!r}; it has {names}.")
         before = read_json(out / "report.json")
-        changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": edit(cfg.data.domains)})})
+        # The router retrains over the new set of experts, starting from the current one: the experts
+        # both have keep their learned routing (measured: see the README's add-domain results).
+        router = cfg.router.model_copy(update={"warm_start": str(versions.resolve(out))})
+        domains = edit(cfg.data.domains)
+        changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": domains}), "router": router})
         changed = LoramixConfig.model_validate(changed.model_dump())  # the cross-checks (top_k <= experts, ...)
         report = run_pipeline(changed, out, address, note=f"{kind} {name}")
         report["change"] = summary(kind, name, changed, before, report)

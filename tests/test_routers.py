@@ -215,3 +215,55 @@ def test_a_prompt_context_router_gates_an_lm_head_lora_from_the_whole_prompt(tmp
     assert_cached_equals_fresh(
         MixtureModel.from_adapters(tiny_llama(0), heads, router="modula", top_k=2, context="prompt")
     )
+
+
+@pytest.mark.parametrize("recipe", ["moa", "mole", "modula"])
+def test_a_router_warm_starts_from_one_over_other_experts(router_adapters, recipe):
+    """`add-domain` & co. retrain the router starting from the run's current one: an expert both
+    routers have keeps its rows (by name, wherever its column moved), a new one starts at zero,
+    what has no expert axis (MoLE's temperatures) is copied; other routers' weights are refused."""
+    names = list(router_adapters)  # three experts
+    old = MixtureModel.from_adapters(tiny_llama(0), {n: router_adapters[n] for n in names[:2]}, router=recipe)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in old.router.parameters():
+            p.normal_()
+    new_order = [names[2], names[1], names[0]]  # the new expert first, the kept ones swapped
+    new = MixtureModel.from_adapters(tiny_llama(0), {n: router_adapters[n] for n in new_order}, router=recipe)
+    kept = new.router.warm_start(old.router.state_dict(), old.expert_names)
+    assert kept == [names[1], names[0]]
+    was, now = old.router.state_dict(), new.router.state_dict()
+    for key, value in now.items():
+        if key.startswith(new.router.per_expert):
+            assert torch.equal(value[0], torch.zeros_like(value[0])), key  # the new expert
+            assert torch.equal(value[1], was[key][1]) and torch.equal(value[2], was[key][0]), key
+        else:
+            assert torch.equal(value, was[key]), key
+    other = "moa" if recipe != "moa" else "modula"
+    stranger = MixtureModel.from_adapters(tiny_llama(0), {n: router_adapters[n] for n in names[:2]}, router=other)
+    with pytest.raises(ValueError, match="another kind of router"):
+        new.router.warm_start(stranger.router.state_dict(), stranger.expert_names)
+
+
+def test_a_saved_router_warm_starts_a_run_and_an_unusable_one_is_skipped(router_adapters, tmp_path, caplog):
+    """`router.warm_start` names an artifact: its router's rows are read back from disk; one that
+    is gone or of another recipe (the config changed since) leaves the router fresh, with a warning."""
+    from loramix.stages import warm_start
+
+    names = list(router_adapters)
+    saved = MixtureModel.from_adapters(tiny_llama(0), router_adapters, router="modula")
+    with torch.no_grad():
+        for p in saved.router.parameters():
+            p.normal_()
+    saved.save_pretrained(tmp_path / "modula")
+    MixtureModel.from_adapters(tiny_llama(0), router_adapters, router="moa").save_pretrained(tmp_path / "moa")
+    fresh = MixtureModel.from_adapters(tiny_llama(0), router_adapters, router="modula")
+    zeros = {k: v.clone() for k, v in fresh.router.state_dict().items()}
+    for path in (tmp_path / "gone", tmp_path / "moa"):
+        caplog.clear()
+        warm_start(fresh.router, str(path))
+        assert all(torch.equal(v, zeros[k]) for k, v in fresh.router.state_dict().items())
+        assert "starts fresh" in caplog.text
+    warm_start(fresh.router, str(tmp_path / "modula"))
+    assert fresh.expert_names == names
+    assert all(torch.equal(v, saved.router.state_dict()[k]) for k, v in fresh.router.state_dict().items())

@@ -6,8 +6,9 @@ import time
 import pytest
 import torch
 
-from loramix import MixtureModel
+from loramix import MixtureModel, versions
 from loramix.artifact import read_json
+from loramix.config import load_config
 
 from .conftest import small_config
 
@@ -86,7 +87,9 @@ def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
     cfg, root, report, snapshot = first_run
     train = write_jsonl(make_rows("shift", 64, seed=0), root / "data" / "shift.train.jsonl")
     evals = write_jsonl(make_rows("shift", 8, seed=1), root / "data" / "shift.eval.jsonl")
+    current = versions.resolve(root / "out")
     new = add_domain(root / "out", "shift", str(train), str(evals))
+    assert load_config(root / "out" / "config.yaml").router.warm_start == str(current)  # the router started from it
     info = new["change"]
     assert info["compute_ratio"] <= 1 / 2 and info["expert_steps"] == new["training"]["expert/shift"]["steps"]
     assert set(info["kept_domains"]) == {"reverse", "rotate"}
