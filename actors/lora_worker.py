@@ -211,13 +211,7 @@ def train_lora_worker(config: dict) -> None:
         val = list(
             shard_batches(val_shard, cfg.batch_size, tokenizer.pad_token_id, device, steps=1 << 30, seed=0, epochs=1)
         )
-        validation = loops.Validation(
-            validator(engine, val),
-            every=cfg.eval_every,
-            patience=cfg.patience,
-            takeoff=cfg.takeoff,
-            cooldown=cfg.cooldown,
-        )
+        validation = loops.Validation.of(validator(engine, val), cfg)
         validation.snapshot, validation.restore = gathered_snapshot(engine, model)
     start = 0
     if checkpoint is not None:

@@ -21,6 +21,7 @@ from loramix.versions import verify
 
 logger = logging.getLogger(__name__)
 
+ROUTER_WEIGHTS = "router/router.safetensors"
 FORMAT = "loramix-mixture"
 VERSION = 2  # 2: MoDULA-Flan universal as an expert, Res trunk + null experts, MoLE gates on LoRA outputs
 
@@ -41,7 +42,7 @@ def save_mixture(mm, path: str | Path, *, base_path: str | None = None) -> None:
             (tmp / "router").mkdir()
             write_json(tmp / "router" / "config.json", router)
             state = {k: v.detach().contiguous().cpu() for k, v in mm.router.state_dict().items()}
-            save_file(state, str(tmp / "router" / "router.safetensors"), metadata={"format": "pt"})
+            save_file(state, str(tmp / ROUTER_WEIGHTS), metadata={"format": "pt"})
         write_json(
             tmp / "manifest.json",
             {
@@ -64,7 +65,7 @@ def read_router(path: str | Path) -> tuple[list[str], dict]:
     manifest = read_manifest(path)
     if not manifest.get("router"):
         raise ValueError(f"{str(path)!r} has no router to start from.")
-    return manifest["expert_names"], load_file(str(path / "router" / "router.safetensors"))
+    return manifest["expert_names"], load_file(str(path / ROUTER_WEIGHTS))
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -119,7 +120,7 @@ def load_mixture(cls, path: str | Path, base_model=None, **base_kwargs):
         router_kwargs=router["kwargs"] if router else None,
     )
     if router:
-        state = load_file(str(path / "router" / "router.safetensors"))
+        state = load_file(str(path / ROUTER_WEIGHTS))
         try:
             mm.router.load_state_dict(state)
         except RuntimeError as err:

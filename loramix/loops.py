@@ -153,6 +153,11 @@ class Validation:
     _bad: int = 0
     _best_state: object = None
 
+    @classmethod
+    def of(cls, validate: Callable[[], float], cfg) -> Validation:
+        """The early stopping a LoRA section (:class:`~loramix.config.LoraConfigBase`) asks for."""
+        return cls(validate, every=cfg.eval_every, patience=cfg.patience, takeoff=cfg.takeoff, cooldown=cfg.cooldown)
+
     def due(self, step: int, last: bool) -> bool:
         return step % self.every == 0 or last
 
@@ -263,10 +268,10 @@ def run_steps(
     losses: list[float] = []
     started = time.perf_counter()
     step, stopped = start_step, "max_steps"
-    cool_until = None
+    cool_until = None  # the last step of a cooldown (never past max_steps)
     if validation is not None and validation.cooling is not None:  # resumed in the middle of a cooldown
         stepper.anneal(validation.cooling, validation.cooldown)
-        cool_until, stopped = validation.cooling + validation.cooldown, "early"
+        cool_until, stopped = min(validation.cooling + validation.cooldown, max_steps or math.inf), "early"
     for step, batch in enumerate(batches, start=start_step + 1):
         t0 = time.perf_counter()
         batch = to_device(batch, device)
@@ -299,22 +304,20 @@ def run_steps(
             on_step(step)
         if stop:
             stopped = "early"
-            best_step, best_loss = validation.best
-            if validation.cooldown and (max_steps is None or step < max_steps):
+            if validation.cooldown and step != max_steps:
                 validation.finish(step)  # back to the best weights, then a decaying learning rate
-                validation.cooling, cool_until = step, step + validation.cooldown
+                validation.cooling, cool_until = step, min(step + validation.cooldown, max_steps or math.inf)
                 stepper.anneal(step, validation.cooldown)
-                logger.info(
-                    "step %d: validation loss stopped improving (best %.4f at step %d); cooling down over %d steps",
-                    *(step, best_loss, best_step, min(cool_until, max_steps or cool_until) - step),
-                )
-            else:
-                logger.info(
-                    "step %d: validation loss stopped improving (best %.4f at step %d); stopping",
-                    *(step, best_loss, best_step),
-                )
-                break
-        if step == cool_until:
+            best_step, best_loss = validation.best
+            then = "stopping" if cool_until is None else f"cooling down until step {cool_until}"
+            logger.info(
+                "step %d: validation loss stopped improving (best %.4f at step %d); %s",
+                step,
+                best_loss,
+                best_step,
+                then,
+            )
+        if step == cool_until or (stop and cool_until is None):
             break
     model.eval()
     tail = losses[-10:]

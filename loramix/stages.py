@@ -180,13 +180,7 @@ def train_lora(spec: LoraSpec, cfg: LoramixConfig, base, tokenizer, progress: Pr
     def validation(model):
         if not spec.val or not o.patience:
             return None
-        return loops.Validation(
-            val_loss_fn(model, spec.val, o.batch_size, pad),
-            every=o.eval_every,
-            patience=o.patience,
-            takeoff=o.takeoff,
-            cooldown=o.cooldown,
-        )
+        return loops.Validation.of(val_loss_fn(model, spec.val, o.batch_size, pad), o)
 
     it = data.batches(spec.train, o.batch_size, pad, seed=cfg.seed, steps=o.steps)
     model, summary = loops.train_expert(
