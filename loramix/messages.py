@@ -83,6 +83,7 @@ class RouterResult(Result):
     seconds: float
     losses: list[float]
     trainable_params: int
+    warm_start: dict | None = None  # {"from", "kept"} or {"from", "skipped"} (stages.warm_start)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ TRAINING_KEYS = (
     "seconds",
     "trainable_params",
     "data",
+    "warm_start",
     "node_ids",
     "losses",
     "val_losses",
@@ -133,7 +134,12 @@ def write_run_report(
     methods = {m: method_row(results[f"eval/{m}"]) for m in METHODS if f"eval/{m}" in results}
     mixture = results.get("eval/mixture")
     training = {k: training_row(v) for k, v in results.items() if isinstance(v, LoraResult | RouterResult)}
-    extra = {"cached_stages": sorted(cached), "warnings": undertrained(cfg, results, methods), **(extra or {})}
+    warnings = undertrained(cfg, results, methods)
+    warm = getattr(results.get("router"), "warm_start", None)
+    if warm and "skipped" in warm:
+        why = warm["skipped"]
+        warnings.append(f"router.warm_start {warm['from']} was not used ({why}); the router trained from scratch.")
+    extra = {"cached_stages": sorted(cached), "warnings": warnings, **(extra or {})}
     if "universal" in results:
         extra["universal"] = {"variant": cfg.universal.variant, "data": results["universal"].data}
     return write_report(
@@ -204,6 +210,10 @@ def format_report(report: dict) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if report["router"]:
         lines.append(f"\nrouter accuracy: {report['router']['accuracy']:.3f}")
+    warm = report.get("training", {}).get("router", {}).get("warm_start")
+    if warm and "kept" in warm:
+        kept = ", ".join(warm["kept"]) or "no expert"
+        lines.append(f"\nrouter warm-started from {warm['from']} (rows kept for {kept})")
     for warning in report.get("warnings", []):
         lines.append(f"\nWARNING: {warning}")
     return "\n".join(lines)

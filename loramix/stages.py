@@ -255,25 +255,27 @@ def router_examples(cfg: LoramixConfig, tokenizer, names: list[str]) -> list[dat
 
 
 def router_setup(cfg: LoramixConfig, base: BaseResult, adapters: dict[str, str], universal: str | None, tokenizer):
-    """The mixture with a fresh router (or one warm-started from ``router.warm_start``), and its training batches."""
+    """The mixture with a fresh router (or one warm-started from ``router.warm_start``), its training
+    batches, and what the warm start did (:func:`warm_start`; None without one)."""
     mm = build_mixture(cfg, load_base(cfg, base), adapters, universal)
-    if cfg.router.warm_start:
-        warm_start(mm.router, cfg.router.warm_start)
+    warm = warm_start(mm.router, cfg.router.warm_start) if cfg.router.warm_start else None
     rows = router_examples(cfg, tokenizer, mm.expert_names)
     it = data.batches(rows, cfg.router.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=cfg.router.steps)
-    return mm, it
+    return mm, it, warm
 
 
-def warm_start(router, artifact: str) -> None:
+def warm_start(router, artifact: str) -> dict:
     """Start ``router`` from the router of the mixture at ``artifact`` (:meth:`Router.warm_start`);
-    one that is gone or of another kind (the config's recipe changed since) leaves it fresh."""
+    one that is gone or of another kind (the config's recipe changed since) leaves it fresh.
+    Returns ``{"from", "kept"}`` (the experts whose rows were kept) or ``{"from", "skipped"}`` (why not)."""
     try:
         names, state = read_router(artifact)
         kept = router.warm_start(state, names)
     except (OSError, ValueError) as err:
         logger.warning("router.warm_start %s not used, the router starts fresh: %s", artifact, err)
-        return
+        return {"from": artifact, "skipped": str(err)}
     logger.info("router warm-started from %s: %d of %d experts kept", artifact, len(kept), len(router.expert_names))
+    return {"from": artifact, "kept": kept}
 
 
 def router_stage(ctx: Context, inputs: dict, progress: Progress = quiet) -> RouterResult:
@@ -282,7 +284,7 @@ def router_stage(ctx: Context, inputs: dict, progress: Progress = quiet) -> Rout
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(base)
     universal = inputs["universal"].path if "universal" in inputs else None
-    mm, it = router_setup(cfg, base, adapters_of(cfg, inputs), universal, tokenizer)
+    mm, it, warm = router_setup(cfg, base, adapters_of(cfg, inputs), universal, tokenizer)
     summary = router_training.train_router(
         cfg.router,
         mm,
@@ -296,7 +298,7 @@ def router_stage(ctx: Context, inputs: dict, progress: Progress = quiet) -> Rout
     tokenizer.save_pretrained(out / "tokenizer")
     n = sum(p.numel() for p in mm.router.parameters())
     return RouterResult(
-        str(out), summary["steps"], summary["final_loss"], time.perf_counter() - t0, summary["losses"], n
+        str(out), summary["steps"], summary["final_loss"], time.perf_counter() - t0, summary["losses"], n, warm
     )
 
 

@@ -44,7 +44,7 @@ def router_trial(cfg: LoramixConfig, results: dict, *, report: Callable[[dict], 
     base = results["base"]
     tokenizer = stages.load_tokenizer(base)
     universal = results["universal"].path if "universal" in results else None
-    mm, batches = stages.router_setup(cfg, base, stages.adapters_of(cfg, results), universal, tokenizer)
+    mm, batches, _ = stages.router_setup(cfg, base, stages.adapters_of(cfg, results), universal, tokenizer)
     evals = stages.eval_examples(cfg, tokenizer)
     points = set(eval_steps(cfg.router.steps, cfg.tune.evals_per_trial))
     last: dict = {}

@@ -59,3 +59,22 @@ def test_report_flags_undertrained_experts_and_shows_general_skill(tmp_path):
     (flat,) = [w for w in report["warnings"] if "expert `b`" in w]
     assert "never fell below 0.5 x its first value 3.370" in flat and "add `lm_head` to `expert.target_modules`" in flat
     assert report["training"]["expert/a"]["stopped"] == "max_steps" and "losses" not in report["training"]["expert/a"]
+
+
+def test_report_says_whether_the_router_was_warm_started(tmp_path):
+    """A warm start shows in report.md and report.json; one that could not be used is a warning."""
+    cfg = build_config({"data": {"domains": [{"name": "a", "train": "a"}, {"name": "b", "train": "b"}]}})
+    mixture = scores({"a": 0.99, "b": 0.99})
+    results = {"expert/a": lora(40), "expert/b": lora(40), "eval/mixture": mixture}
+    results["router"] = RouterResult("art", 5, 0.1, 1.0, [0.3], 4, {"from": "out/artifacts/v1", "kept": ["a"]})
+    report = write_run_report(tmp_path, cfg, results, timings={}, cached=[])
+    assert report["training"]["router"]["warm_start"] == {"from": "out/artifacts/v1", "kept": ["a"]}
+    assert "router warm-started from out/artifacts/v1 (rows kept for a)" in (tmp_path / "report.md").read_text()
+    assert report["warnings"] == []
+    skipped = {"from": "out/artifacts/v9", "skipped": "no such file"}
+    results["router"] = RouterResult("art", 5, 0.1, 1.0, [0.3], 4, skipped)
+    report = write_run_report(tmp_path, cfg, results, timings={}, cached=[])
+    assert report["warnings"] == [
+        "router.warm_start out/artifacts/v9 was not used (no such file); the router trained from scratch."
+    ]
+    assert "warm-started" not in (tmp_path / "report.md").read_text()

@@ -261,9 +261,9 @@ def test_a_saved_router_warm_starts_a_run_and_an_unusable_one_is_skipped(router_
     zeros = {k: v.clone() for k, v in fresh.router.state_dict().items()}
     for path in (tmp_path / "gone", tmp_path / "moa"):
         caplog.clear()
-        warm_start(fresh.router, str(path))
+        assert "skipped" in warm_start(fresh.router, str(path))
         assert all(torch.equal(v, zeros[k]) for k, v in fresh.router.state_dict().items())
         assert "starts fresh" in caplog.text
-    warm_start(fresh.router, str(tmp_path / "modula"))
+    assert warm_start(fresh.router, str(tmp_path / "modula")) == {"from": str(tmp_path / "modula"), "kept": names}
     assert fresh.expert_names == names
     assert all(torch.equal(v, saved.router.state_dict()[k]) for k, v in fresh.router.state_dict().items())

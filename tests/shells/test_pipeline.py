@@ -90,6 +90,7 @@ def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
     current = versions.resolve(root / "out")
     new = add_domain(root / "out", "shift", str(train), str(evals))
     assert load_config(root / "out" / "config.yaml").router.warm_start == str(current)  # the router started from it
+    assert new["training"]["router"]["warm_start"] == {"from": str(current), "kept": ["reverse", "rotate"]}
     info = new["change"]
     assert info["compute_ratio"] <= 1 / 2 and info["expert_steps"] == new["training"]["expert/shift"]["steps"]
     assert set(info["kept_domains"]) == {"reverse", "rotate"}
