@@ -15,6 +15,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ray.train
@@ -23,9 +24,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loramix import loops
+from loramix import data, loops
 from loramix.config import ExpertConfig
-from loramix.data import pad_left
 from loramix.messages import WorkerConfig
 from loramix.trainees import build_trainee, save_trainee, trainable_parameters
 
@@ -55,28 +55,21 @@ class DeepSpeedStepper:
         loops.anneal(self.engine.lr_scheduler, start, steps)  # the LambdaLR handed to deepspeed.initialize
 
 
-def pad_batch(batch: dict, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Left-pad a Ray Data numpy batch of variable-length ``input_ids``/``labels`` lists."""
-    padded = pad_left(list(batch["input_ids"]), list(batch["labels"]), pad_id)
-    return {k: v.to(device) for k, v in padded.items()}
+def shard_examples(shard) -> list[data.Example]:
+    """This worker's rows of its Ray Data shard, read once into memory.
+
+    LoRA training rows are small (token ids); reading them once and reshuffling in memory every
+    epoch (:func:`loramix.data.batches`, as the in-process trainer does) replaces re-executing the
+    Ray Data pipeline every epoch. Sorted, so the seeded shuffle does not depend on the order Ray Data
+    delivered them in: a run resumed from a checkpoint trains on the batches the lost one would have.
+    """
+    rows = sorted((list(row["input_ids"]), list(row["labels"])) for row in shard.iter_rows())
+    return [data.Example(ids, labels) for ids, labels in rows]
 
 
-def shard_batches(shard, micro_batch: int, pad_id: int, device, *, steps: int, seed: int, epochs: int | None = None):
-    """Epochs over this worker's Ray Data shard (endless unless ``epochs``), stopping after ``steps`` batches."""
-    done, epoch = 0, 0
-    while done < steps and (epochs is None or epoch < epochs):
-        for batch in shard.iter_batches(
-            batch_size=micro_batch,
-            batch_format="numpy",
-            drop_last=epochs is None,
-            local_shuffle_buffer_size=16 * micro_batch,
-            local_shuffle_seed=seed + epoch,
-        ):
-            yield pad_batch(batch, pad_id, device)
-            done += 1
-            if done >= steps:
-                return
-        epoch += 1
+def on_device(batches: Iterable[dict], device) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in batches:
+        yield {k: v.to(device) for k, v in batch.items()}
 
 
 def deepspeed_template(stage: int) -> dict:
@@ -206,11 +199,9 @@ def train_lora_worker(config: dict) -> None:
     engine = make_engine(model, cfg, w.ds_config, world)
     validation = None
     if w.validate:
-        val_shard = ray.train.get_dataset_shard("val")
-        # All of the validation rows, once, kept in memory: every validation reuses them.
-        val = list(
-            shard_batches(val_shard, cfg.batch_size, tokenizer.pad_token_id, device, steps=1 << 30, seed=0, epochs=1)
-        )
+        rows = shard_examples(ray.train.get_dataset_shard("val"))  # every worker validates on all of them
+        chunks = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+        val = list(on_device((data.collate(c, tokenizer.pad_token_id) for c in chunks), device))
         validation = loops.Validation.of(validator(engine, val), cfg)
         validation.snapshot, validation.restore = gathered_snapshot(engine, model)
     start = 0
@@ -221,9 +212,10 @@ def train_lora_worker(config: dict) -> None:
             if validation is not None:
                 validation.load(Path(ckpt_dir) / "validation")
         logger.info("%s: resumed from step %d", w.name, start)
-    shard = ray.train.get_dataset_shard("train")
+    rows = shard_examples(ray.train.get_dataset_shard("train"))
     micro = cfg.batch_size // world
-    batches = shard_batches(shard, micro, tokenizer.pad_token_id, device, steps=cfg.steps - start, seed=w.seed + start)
+    pad = tokenizer.pad_token_id
+    batches = on_device(data.batches(rows, micro, pad, seed=w.seed, steps=cfg.steps, start=start), device)
     started = time.perf_counter()
 
     def report(metrics: dict, _ckpt=None) -> None:
