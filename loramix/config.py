@@ -162,6 +162,10 @@ class UniversalConfig(LoraConfigBase):
     """General data for the universal LoRA (the demo world: the copy task); unset: the union of the domains."""
     variant: Literal["flan", "res"] = "flan"
     """MoDULA-Flan: experts trained alone, universal one of them; MoDULA-Res: experts read the universal's output."""
+    domain_share: float = Field(0.0, ge=0, lt=1)
+    """Share of the universal LoRA's rows drawn from the domains' train files (equally per domain), the
+    rest being `universal.train`; 0: the general data alone. MoDULA trains it on broad data; on general
+    data the base already masters it learns nothing, and Res experts, which read its output, see noise."""
 
 
 class RouterConfig(OptimConfig):

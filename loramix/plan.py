@@ -96,6 +96,7 @@ class LoraStage(Stage):
     out_dir: str = ""
     trunk: str | None = None
     budget_from: tuple[str, ...] = ()
+    share: float = 0.0  # of the rows drawn from the sources after the first (:func:`stages.source_rows`)
     data_label: str = ""
     kind: ClassVar[str] = "lora"
     result_type: ClassVar = LoraResult
@@ -187,10 +188,14 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
     trunk = None
     universal_deps: tuple[str, ...] = ()
     if cfg.universal.enabled:
-        general = cfg.universal.train
-        sources = (("general", general),) if general else tuple((d.name, d.train) for d in domains)
-        label = f"general data ({general})" if general else "the union of the domains (no `universal.train`)"
-        plan.append(LoraStage("universal", ("base",), sources, "universal", "universal", data_label=label))
+        general, share = cfg.universal.train, cfg.universal.domain_share
+        sources = tuple((d.name, d.train) for d in domains)
+        label = "the union of the domains (no `universal.train`)"
+        if general:
+            sources = (("general", general), *(sources if share else ()))
+            label = f"general data ({general})" + (f" + {share:.0%} of its rows from the domains" if share else "")
+        universal = LoraStage("universal", ("base",), sources, "universal", "universal", share=share, data_label=label)
+        plan.append(universal)
         universal_deps = ("universal",)
         trunk = "universal" if cfg.universal.variant == "res" else None
     experts = []

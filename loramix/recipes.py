@@ -37,6 +37,11 @@ class Recipe:
                 f"`universal.enabled` trains MoDULA's universal LoRA, but recipe `{self.name}` does not use one. "
                 "Set `recipe: modula` or `universal.enabled: false`."
             )
+        if cfg.universal.domain_share and not cfg.universal.train:
+            problems.append(
+                "`universal.domain_share` mixes domain rows into `universal.train`, which is unset (the universal "
+                "LoRA then trains on the union of the domains already); set `universal.train` or the share to 0."
+            )
         return problems
 
 

@@ -40,7 +40,7 @@ def optim_section(cfg: LoramixConfig, section: str) -> ExpertConfig:
     """The optimiser of a LoRA stage as an :class:`ExpertConfig` (``expert``, or ``universal`` with its own rank...)."""
     if section == "expert":
         return cfg.expert
-    return ExpertConfig(**cfg.universal.model_dump(exclude={"enabled", "train", "variant"}))
+    return ExpertConfig(**cfg.universal.model_dump(exclude={"enabled", "train", "variant", "domain_share"}))
 
 
 # ------------------------------------------------------------------------------------ base
@@ -134,6 +134,17 @@ def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def source_rows(cfg: LoramixConfig, stage: LoraStage, tokenizer) -> list[list[data.Example]]:
+    """Each source's rows; with ``stage.share``, the sources after the first are sampled (seeded, equally)
+    to that share of the total: the universal LoRA's general data plus some of every domain's."""
+    rows = [examples(cfg, tokenizer, path) for _, path in stage.sources]
+    if not stage.share or len(rows) < 2:
+        return rows
+    per_source = round(len(rows[0]) * stage.share / (1 - stage.share) / (len(rows) - 1))
+    rng = random.Random(cfg.seed)
+    return [rows[0], *(rng.sample(r, min(per_source, len(r))) for r in rows[1:])]
+
+
 def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
     """Tokenise the stage's rows and hold out its validation split (experts and multitask see the
     same training rows); the multitask baseline gets the steps its experts used."""
@@ -143,8 +154,8 @@ def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
     if stage.budget_from:
         optim = optim.model_copy(update={"steps": sum(inputs[d].steps for d in stage.budget_from)})
     train, val = [], []
-    for _, path in stage.sources:
-        t, v = split_validation(examples(cfg, tokenizer, path), optim.val_fraction, cfg.seed)
+    for rows in source_rows(cfg, stage, tokenizer):
+        t, v = split_validation(rows, optim.val_fraction, cfg.seed)
         train += t
         val += v
     if stage.budget_from:

@@ -67,6 +67,11 @@ def test_round_trip_through_yaml():
             [],
             r"domain name `universal` is taken by the universal LoRA",
         ),
+        (
+            {"recipe": "modula", "universal": {"enabled": True, "domain_share": 0.5}},
+            [],
+            r"`universal.domain_share` mixes domain rows into `universal.train`, which is unset",
+        ),
         ({}, ["top_k"], r"override 'top_k' must look like `key.path=value`"),
     ],
 )

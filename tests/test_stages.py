@@ -125,6 +125,29 @@ def test_flan_universal_on_general_data_is_one_of_the_routed_experts(saved_base,
     assert flan_stage.deps == ("base",) and flan_stage.trunk is None
 
 
+@pytest.mark.parametrize("share", [0.5, 0.2])
+def test_universal_domain_share_mixes_a_sample_of_every_domain_into_the_general_data(tmp_path, share):
+    """`universal.domain_share`: all of `universal.train`, plus the same seeded sample of each domain,
+    together that share of the universal's rows; the stage's key (what the cache compares) changes."""
+    cfg = config("unused", tmp_path, recipe="modula", **{"universal.enabled": True})
+    cfg = cfg.model_copy(update={"universal": cfg.universal.model_copy(update={"train": cfg.data.general})})
+    tok = synthetic.build_tokenizer()
+    (alone,) = [s for s in plan.build_plan(cfg) if s.name == "universal"]
+    assert [len(r) for r in stages.source_rows(cfg, alone, tok)] == [48]
+    mixed_cfg = cfg.model_copy(update={"universal": cfg.universal.model_copy(update={"domain_share": share})})
+    (mixed,) = [s for s in plan.build_plan(mixed_cfg) if s.name == "universal"]
+    assert [name for name, _ in mixed.sources] == ["general", "reverse", "shift"]
+    assert mixed.data_label.endswith(f"+ {share:.0%} of its rows from the domains")
+    rows = stages.source_rows(mixed_cfg, mixed, tok)
+    per_domain = round(48 * share / (1 - share) / 2)
+    assert [len(r) for r in rows] == [48, per_domain, per_domain]
+    assert abs(2 * per_domain / (48 + 2 * per_domain) - share) < 0.02
+    reverse = stages.examples(cfg, tok, cfg.data.domains[0].train)
+    assert all(e in reverse for e in rows[1]) and rows == stages.source_rows(mixed_cfg, mixed, tok)
+    ctx = plan.Context.create(cfg)
+    assert mixed.key(plan.Context.create(mixed_cfg)) != alone.key(ctx)
+
+
 def test_res_experts_train_on_the_universal_trunk(saved_base, tmp_path):
     cfg = config(
         saved_base,
