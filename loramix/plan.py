@@ -108,7 +108,7 @@ class LoraStage(Stage):
         # rows and settings, share one LoRA.
         role = self.name.split("/")[0]
         optim = self.optim(ctx).model_dump(exclude={"steps"} if self.budget_from else None)
-        return [role, optim, cfg.seed, digests, data_fields(cfg)]
+        return [role, optim, cfg.seed, digests, data_fields(cfg), *([self.share] if self.share else [])]
 
     def digest(self, ctx, upstream):
         return fingerprint(self.key(ctx), [upstream[d] for d in self.deps])

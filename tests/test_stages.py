@@ -144,8 +144,11 @@ def test_universal_domain_share_mixes_a_sample_of_every_domain_into_the_general_
     assert abs(2 * per_domain / (48 + 2 * per_domain) - share) < 0.02
     reverse = stages.examples(cfg, tok, cfg.data.domains[0].train)
     assert all(e in reverse for e in rows[1]) and rows == stages.source_rows(mixed_cfg, mixed, tok)
-    ctx = plan.Context.create(cfg)
-    assert mixed.key(plan.Context.create(mixed_cfg)) != alone.key(ctx)
+    # the share is part of the stage's key (what the cache compares): 0.5 and 0.3 are different LoRAs
+    other_cfg = cfg.model_copy(update={"universal": cfg.universal.model_copy(update={"domain_share": 0.3})})
+    (other,) = [s for s in plan.build_plan(other_cfg) if s.name == "universal"]
+    mixed_key = mixed.key(plan.Context.create(mixed_cfg))
+    assert mixed_key != alone.key(plan.Context.create(cfg)) and mixed_key != other.key(plan.Context.create(other_cfg))
 
 
 def test_res_experts_train_on_the_universal_trunk(saved_base, tmp_path):
