@@ -162,6 +162,9 @@ class UniversalConfig(LoraConfigBase):
     """General data for the universal LoRA (the demo world: the copy task); unset: the union of the domains."""
     variant: Literal["flan", "res"] = "flan"
     """MoDULA-Flan: experts trained alone, universal one of them; MoDULA-Res: experts read the universal's output."""
+    domain_files: list[str] | None = None
+    """The domains' train files it draws from (unset: every domain's). The expert commands pin the files it
+    was trained on, so a domain added, replaced or removed never retrains it (nor Res experts on its trunk)."""
     domain_share: float = Field(0.0, ge=0, lt=1)
     """Share of the universal LoRA's rows drawn from the domains' train files (equally per domain), the
     rest being `universal.train`; 0: the general data alone. MoDULA trains it on broad data; on general
@@ -348,6 +351,8 @@ def data_paths(cfg: LoramixConfig) -> dict[str, str]:
     for key, value in (("data.general", cfg.data.general), ("universal.train", cfg.universal.train)):
         if value:
             paths[key] = value
+    for i, path in enumerate(cfg.universal.domain_files or ()):
+        paths[f"universal.domain_files.{i}"] = path
     return paths
 
 

@@ -190,6 +190,8 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
     if cfg.universal.enabled:
         general, share = cfg.universal.train, cfg.universal.domain_share
         sources = tuple((d.name, d.train) for d in domains)
+        if cfg.universal.domain_files is not None:  # pinned by the expert commands
+            sources = tuple((Path(f).stem, f) for f in cfg.universal.domain_files)
         label = "the union of the domains (no `universal.train`)"
         if general:
             sources = (("general", general), *(sources if share else ()))

@@ -40,7 +40,8 @@ def optim_section(cfg: LoramixConfig, section: str) -> ExpertConfig:
     """The optimiser of a LoRA stage as an :class:`ExpertConfig` (``expert``, or ``universal`` with its own rank...)."""
     if section == "expert":
         return cfg.expert
-    return ExpertConfig(**cfg.universal.model_dump(exclude={"enabled", "train", "variant", "domain_share"}))
+    rows = {"enabled", "train", "variant", "domain_files", "domain_share"}  # what it trains on, not how
+    return ExpertConfig(**cfg.universal.model_dump(exclude=rows))
 
 
 # ------------------------------------------------------------------------------------ base

@@ -114,13 +114,23 @@ def _change(output: str | Path, kind: str, name: str, edit: Edit, address, *, ne
         # both have keep their learned routing (measured: see the README's add-domain results).
         router = cfg.router.model_copy(update={"warm_start": str(versions.resolve(out))})
         domains = edit(cfg.data.domains)
-        changed = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": domains}), "router": router})
+        data = cfg.data.model_copy(update={"domains": domains})
+        changed = cfg.model_copy(update={"data": data, "router": router, "universal": pinned(cfg)})
         changed = LoramixConfig.model_validate(changed.model_dump())  # the cross-checks (top_k <= experts, ...)
         report = run_pipeline(changed, out, address, note=f"{kind} {name}")
         report["change"] = summary(kind, name, changed, before, report)
         write_json(out / "report.json", report)
         (out / "report.md").write_text(format_report(report) + "\n")
         return report
+
+
+def pinned(cfg: LoramixConfig):
+    """``universal`` with the domain files it trained on pinned (MoDULA's stage 1 is done once): a universal
+    LoRA that draws from the domains would otherwise retrain when one changes, and every Res expert with it."""
+    u = cfg.universal
+    if not u.enabled or u.domain_files is not None or (u.train and not u.domain_share):
+        return u
+    return u.model_copy(update={"domain_files": [d.train for d in cfg.data.domains]})
 
 
 def summary(kind: str, name: str, cfg: LoramixConfig, before: dict, report: dict) -> dict:

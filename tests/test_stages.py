@@ -149,6 +149,17 @@ def test_universal_domain_share_mixes_a_sample_of_every_domain_into_the_general_
     (other,) = [s for s in plan.build_plan(other_cfg) if s.name == "universal"]
     mixed_key = mixed.key(plan.Context.create(mixed_cfg))
     assert mixed_key != alone.key(plan.Context.create(cfg)) and mixed_key != other.key(plan.Context.create(other_cfg))
+    # the expert commands pin the files it drew from: the same LoRA, whatever the domains become
+    files = [d.train for d in cfg.data.domains]
+    pinned_cfg = mixed_cfg.model_copy(
+        update={
+            "universal": mixed_cfg.universal.model_copy(update={"domain_files": files}),
+            "data": mixed_cfg.data.model_copy(update={"domains": mixed_cfg.data.domains[:1]}),
+        }
+    )
+    (pinned,) = [s for s in plan.build_plan(pinned_cfg) if s.name == "universal"]
+    assert pinned.key(plan.Context.create(pinned_cfg)) == mixed_key
+    assert stages.source_rows(pinned_cfg, pinned, tok) == rows
 
 
 def test_res_experts_train_on_the_universal_trunk(saved_base, tmp_path):

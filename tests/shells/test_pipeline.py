@@ -143,6 +143,21 @@ def test_modula_with_universal_lora_and_mole_recipes(first_run, tmp_path):
     mm = MixtureModel.from_pretrained(out / "artifact")
     assert mm.variant == "res" and mm.universal is not None and mm.null_experts == ["universal"]
 
+    # a new domain on a Res run: one Res expert trains on the same trunk, the router starts from the current one
+    from loramix.synthetic import make_rows, write_jsonl
+    from pipelines.experts import add_domain
+
+    train = write_jsonl(make_rows("shift", 64, seed=0), tmp_path / "shift.train.jsonl")
+    evals = write_jsonl(make_rows("shift", 8, seed=1), tmp_path / "shift.eval.jsonl")
+    domain_files = [d.train for d in load_config(out / "config.yaml").data.domains]
+    new = add_domain(out, "shift", str(train), str(evals))
+    assert load_config(out / "config.yaml").universal.domain_files == domain_files  # it drew from the old domains
+    assert {"universal", "expert/reverse", "expert/rotate"} <= set(new["cached_stages"])
+    assert "expert/shift" not in new["cached_stages"]
+    assert new["training"]["router"]["warm_start"]["kept"] == ["universal", "reverse", "rotate"]
+    mm = MixtureModel.from_pretrained(out / "artifact")
+    assert mm.variant == "res" and mm.expert_names == ["universal", "reverse", "rotate", "shift"]
+
 
 def test_unschedulable_settings_fail_at_once(first_run, tmp_path):
     """A trainer bigger than the local cluster, or GPUs it does not have: an error naming the
