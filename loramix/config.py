@@ -163,12 +163,10 @@ class UniversalConfig(LoraConfigBase):
     variant: Literal["flan", "res"] = "flan"
     """MoDULA-Flan: experts trained alone, universal one of them; MoDULA-Res: experts read the universal's output."""
     domain_files: list[str] | None = None
-    """The domains' train files it draws from (unset: every domain's). The expert commands pin the files it
-    was trained on, so a domain added, replaced or removed never retrains it (nor Res experts on its trunk)."""
+    """Domain train files it draws from (unset: all); expert commands pin them, so changes never retrain it."""
     domain_share: float = Field(0.0, ge=0, lt=1)
-    """Share of the universal LoRA's rows drawn from the domains' train files (equally per domain), the
-    rest being `universal.train`; 0: the general data alone. MoDULA trains it on broad data; on general
-    data the base already masters it learns nothing, and Res experts, which read its output, see noise."""
+    """Share of its rows drawn equally from the domains' train files, the rest `universal.train` (0: none).
+    On general data the base already masters it learns nothing, and Res experts reading it see noise."""
 
 
 class RouterConfig(OptimConfig):
@@ -252,10 +250,6 @@ class LoramixConfig(Section):
             what = "the domains + the universal LoRA" if self.universal.enabled else "the number of domains"
             problems.append(
                 f"`router.top_k` must be in [1, {n}] ({what}), got {self.router.top_k}. Lower top_k or add domains."
-            )
-        if self.universal.enabled and recipes.UNIVERSAL in [d.name for d in self.data.domains]:
-            problems.append(
-                f"domain name `{recipes.UNIVERSAL}` is taken by the universal LoRA when `universal.enabled`; rename it."
             )
         if problems:
             raise ValueError("\n".join(problems))
@@ -348,11 +342,10 @@ def data_paths(cfg: LoramixConfig) -> dict[str, str]:
         paths[f"data.domains.{i}.train"] = d.train
         if d.eval:
             paths[f"data.domains.{i}.eval"] = d.eval
-    for key, value in (("data.general", cfg.data.general), ("universal.train", cfg.universal.train)):
+    pinned = [(f"universal.domain_files.{i}", f) for i, f in enumerate(cfg.universal.domain_files or ())]
+    for key, value in (("data.general", cfg.data.general), ("universal.train", cfg.universal.train), *pinned):
         if value:
             paths[key] = value
-    for i, path in enumerate(cfg.universal.domain_files or ()):
-        paths[f"universal.domain_files.{i}"] = path
     return paths
 
 

@@ -37,6 +37,8 @@ class Recipe:
                 f"`universal.enabled` trains MoDULA's universal LoRA, but recipe `{self.name}` does not use one. "
                 "Set `recipe: modula` or `universal.enabled: false`."
             )
+        if cfg.universal.enabled and UNIVERSAL in [d.name for d in cfg.data.domains]:
+            problems.append(f"domain name `{UNIVERSAL}` is taken by the universal LoRA (`universal.enabled`); rename.")
         if cfg.universal.domain_share and not cfg.universal.train:
             problems.append(
                 "`universal.domain_share` mixes domain rows into `universal.train`, which is unset (the universal "
