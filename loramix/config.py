@@ -78,8 +78,7 @@ class DomainConfig(Section):
     eval: str | None = None
     """Held-out data in the same formats; required for the `eval` stage."""
     adapter: str | None = None
-    """A PEFT LoRA trained elsewhere on the same base (`adapter_config.json` + safetensors): this
-    domain's expert as is, nothing trains; `train` rows then only teach the router."""
+    """A PEFT LoRA trained elsewhere on the same base, used as this expert (`train` rows then only teach the router)."""
 
     @field_validator("name")
     @classmethod
@@ -165,8 +164,12 @@ class UniversalConfig(LoraConfigBase):
     domain_files: list[str] | None = None
     """Domain train files it draws from (unset: all); expert commands pin them, so changes never retrain it."""
     domain_share: float = Field(0.0, ge=0, lt=1)
-    """Share of its rows drawn equally from the domains' train files, the rest `universal.train` (0: none).
-    On general data the base already masters it learns nothing, and Res experts reading it see noise."""
+    """Share of its rows drawn equally from the domains (0: none); on general data alone Res experts read noise."""
+
+    @property
+    def draws_from_domains(self) -> bool:
+        """It trains on domain rows: it has no general data of its own, or a share of its rows is theirs."""
+        return not self.train or self.domain_share > 0
 
 
 class RouterConfig(OptimConfig):
@@ -394,5 +397,4 @@ def config_help(model: type[BaseModel] = LoramixConfig, prefix: str = "") -> lis
 
 def config_hash(cfg: LoramixConfig) -> str:
     """A short stable hash of the resolved config (recorded in reports and stage markers)."""
-
     return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]

@@ -188,13 +188,14 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
     trunk = None
     universal_deps: tuple[str, ...] = ()
     if cfg.universal.enabled:
-        general, share = cfg.universal.train, cfg.universal.domain_share
+        u = cfg.universal
+        general, share = u.train, u.domain_share
         sources = tuple((d.name, d.train) for d in domains)
-        if cfg.universal.domain_files is not None:  # pinned by the expert commands
-            sources = tuple((Path(f).stem, f) for f in cfg.universal.domain_files)
+        if u.domain_files is not None:  # pinned by the expert commands
+            sources = tuple((Path(f).stem, f) for f in u.domain_files)
+        sources = (*((("general", general),) if general else ()), *(sources if u.draws_from_domains else ()))
         label = "the union of the domains (no `universal.train`)"
         if general:
-            sources = (("general", general), *(sources if share else ()))
             label = f"general data ({general})" + (f" + {share:.0%} of its rows from the domains" if share else "")
         universal = LoraStage("universal", ("base",), sources, "universal", "universal", share=share, data_label=label)
         plan.append(universal)

@@ -128,7 +128,7 @@ def pinned(cfg: LoramixConfig):
     """``universal`` with the domain files it trained on pinned (MoDULA's stage 1 is done once): a universal
     LoRA that draws from the domains would otherwise retrain when one changes, and every Res expert with it."""
     u = cfg.universal
-    if not u.enabled or u.domain_files is not None or (u.train and not u.domain_share):
+    if not u.enabled or u.domain_files is not None or not u.draws_from_domains:
         return u
     return u.model_copy(update={"domain_files": [d.train for d in cfg.data.domains]})
 
