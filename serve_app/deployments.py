@@ -25,7 +25,7 @@ from dataclasses import asdict
 from ray import serve
 
 from loramix.batching import Scheduler
-from loramix.serving import Engine, GenerationRequest, SamplingParams
+from loramix.serving import Delta, Engine, GenerationRequest, SamplingParams
 from loramix.versions import resolve
 
 logger = logging.getLogger(__name__)
@@ -125,31 +125,64 @@ class ModelDeployment:
 
     async def generate(self, payload: dict):
         """Stream one request (``prompt_ids``, ``params``, ``expert_weights``, ``version``): it joins
-        its version's running batch at the next decoding step; one dict per new token."""
-        try:
-            _, scheduler = await self.versions.get(payload.get("version"))
-        except Exception as err:  # e.g. a version deleted from disk or failing its checksums
-            yield {"error": f"artifact v{payload.get('version')} cannot be served: {err}"}
+        its version's running batch at the next decoding step; one dict per new token (or per run of
+        tokens decoded while this generator was busy)."""
+        scheduler, error = await self._scheduler(payload)
+        if error:
+            yield error
             return
-        self.requests += 1
-        loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
-        # A client that goes away cancels this generator (Serve propagates the disconnect): its row
-        # leaves the running batch at the next step and frees its slot.
-        cancel, done = threading.Event(), False
-        scheduler.submit(
-            _request({**payload, "cancel": cancel}), lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
-        )
+        loop, queue, done = asyncio.get_running_loop(), asyncio.Queue(), False
+        cancel = self._submit(scheduler, payload, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
         try:
             while not done:
-                batch = [await deltas.get()]
-                while not deltas.empty():  # the consumer fell behind: one message for what piled up
-                    batch.append(deltas.get_nowait())
-                done = batch[-1].finish_reason is not None
-                yield _merged(batch)
+                deltas = [await queue.get()]
+                while not queue.empty():  # the consumer fell behind: one message for what piled up
+                    deltas.append(queue.get_nowait())
+                done = deltas[-1].finish_reason is not None
+                yield _merged(deltas)
         finally:
-            if not done:
-                cancel.set()
-                self.cancelled += 1
+            if not done:  # the client went away (Serve cancels this generator): its row leaves the batch
+                self._cancel(cancel)
+
+    async def complete(self, payload: dict) -> dict:
+        """The whole of one request as one dict (non-streaming API calls): the replica wakes once per
+        request, not per token, and sends one message back."""
+        scheduler, error = await self._scheduler(payload)
+        if error:
+            return error
+        loop, parts = asyncio.get_running_loop(), []
+        finished = loop.create_future()
+
+        def deliver(delta: Delta) -> None:  # on the scheduler's thread
+            parts.append(delta)
+            if delta.finish_reason is not None:
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        cancel = self._submit(scheduler, payload, deliver)
+        try:
+            await finished
+        except asyncio.CancelledError:  # the client went away (Serve cancels this call)
+            self._cancel(cancel)
+            raise
+        return _merged(parts)
+
+    async def _scheduler(self, payload: dict) -> tuple[Scheduler | None, dict | None]:
+        try:
+            return (await self.versions.get(payload.get("version")))[1], None
+        except Exception as err:  # e.g. a version deleted from disk or failing its checksums
+            return None, {"error": f"artifact v{payload.get('version')} cannot be served: {err}"}
+
+    def _submit(self, scheduler: Scheduler, payload: dict, deliver) -> threading.Event:
+        """Queue the request; setting the returned event makes its row leave the running batch at
+        the next step and free its slot."""
+        self.requests += 1
+        cancel = threading.Event()
+        scheduler.submit(_request({**payload, "cancel": cancel}), deliver)
+        return cancel
+
+    def _cancel(self, cancel: threading.Event) -> None:
+        cancel.set()
+        self.cancelled += 1
 
     def stats(self) -> dict:
         """What this replica served (tests use it to see where a request went)."""

@@ -190,32 +190,43 @@ class Dispatcher:
     async def deltas(self, plan: Plan):
         """Stream the plan's output: dicts ``{text, token_ids, finish_reason, route?}``."""
         handle, deployment, sent, known = await self._target(plan)
-        payload = {
+        first = True
+        async for delta in handle.options(stream=True).generate.remote(self._payload(plan, sent)):
+            yield self._checked(delta, plan, deployment, known, first)
+            first = False
+
+    async def collect(self, plan: Plan) -> dict:
+        """The plan's whole output in one call to the replica (no stream of per-token messages)."""
+        handle, deployment, sent, known = await self._target(plan)
+        delta = await handle.complete.remote(self._payload(plan, sent))
+        return self.accumulate(None, self._checked(delta, plan, deployment, known, first=True))
+
+    def _payload(self, plan: Plan, sent: list[float] | None) -> dict:
+        return {
             "prompt_ids": plan.prompt_ids,
             "params": _params(plan.params),
             "expert_weights": sent,
             "version": self.version,  # the replica decodes it with this version: weights index its experts
         }
-        first = True
-        async for delta in handle.options(stream=True).generate.remote(payload):
-            if delta is None:
-                continue
-            if delta.get("error"):
-                if delta["error"].startswith("artifact v"):  # that version's files are gone or changed
-                    raise APIError(503, f"{delta['error']}; retry.", code="version_unavailable")
-                raise APIError(400, f"the model could not decode this request: {delta['error']}")
-            if first:
-                weights = delta.get("route") or known
-                delta["route"] = {
-                    "deployment": deployment,
-                    "version": self.version,
-                    "pinned": plan.pinned,
-                    "expert_weights": dict(zip(self.expert_names, weights)) if weights else None,
-                }
-                first = False
-            else:
-                delta.pop("route", None)
-            yield delta
+
+    def _checked(self, delta: dict, plan: Plan, deployment: str, known, first: bool) -> dict:
+        """A replica's message as the API's: its error raised; the first message says where the
+        request went and with which expert weights (the replica's route, else those ``known``)."""
+        if delta.get("error"):
+            if delta["error"].startswith("artifact v"):  # that version's files are gone or changed
+                raise APIError(503, f"{delta['error']}; retry.", code="version_unavailable")
+            raise APIError(400, f"the model could not decode this request: {delta['error']}")
+        if not first:
+            delta.pop("route", None)
+            return delta
+        weights = delta.get("route") or known
+        delta["route"] = {
+            "deployment": deployment,
+            "version": self.version,
+            "pinned": plan.pinned,
+            "expert_weights": dict(zip(self.expert_names, weights)) if weights else None,
+        }
+        return delta
 
     @staticmethod
     def accumulate(result: dict | None, delta: dict) -> dict:
@@ -226,12 +237,6 @@ class Dispatcher:
         if delta.get("route"):
             result["route"] = delta["route"]
             result["deployment"] = delta["route"]["deployment"]
-        return result
-
-    async def collect(self, plan: Plan) -> dict:
-        result = None
-        async for delta in self.deltas(plan):
-            result = self.accumulate(result, delta)
         return result
 
 

@@ -1,6 +1,10 @@
 """Request validation and Serve configuration, without Ray: every bad input gets the right
 status and names its field; the generated Serve config passes Ray's own schema."""
 
+import asyncio
+import functools
+from types import SimpleNamespace
+
 import pytest
 
 from loramix import synthetic
@@ -177,36 +181,34 @@ def test_detach_needs_a_cluster(tmp_path, monkeypatch, capsys):
 
 
 class _Handle:
-    """Stands in for a Serve deployment handle: records what `route`/`generate` were sent."""
+    """Stands in for a Serve deployment handle: records what `generate`/`complete` were sent."""
 
     def __init__(self, route=None):
         self.sent, self._route = [], route
-        self.route = self.generate = self
+        self.route = SimpleNamespace(remote=self._routed)
+        self.generate = SimpleNamespace(remote=self._stream)
+        self.complete = SimpleNamespace(remote=self._complete)
 
     def options(self, **_):
         return self
 
-    def remote(self, payload):
-        if self._route is not None:
+    async def _routed(self, payload):
+        return self._route
 
-            async def route():
-                return self._route
-
-            return route()
+    async def _complete(self, payload):
         self.sent.append(payload)
+        return {"text": "ok", "token_ids": [1, 2], "finish_reason": "stop", "route": None}
 
-        async def stream():
-            yield {"text": "ok", "token_ids": [1], "finish_reason": "stop", "route": None}
-
-        return stream()
+    async def _stream(self, payload):
+        self.sent.append(payload)
+        yield {"text": "o", "token_ids": [1], "finish_reason": None, "route": None}
+        yield {"text": "k", "token_ids": [2], "finish_reason": "stop", "route": None}
 
 
 @pytest.mark.parametrize("sequence_router", [True, False])
 def test_routed_fallback_reuses_a_sequence_routers_weights(sequence_router):
     """Below `route_threshold` a routed request goes to the fused replicas; a sequence router's
     weights go with it (no second routing there); block/token routers route again there."""
-    import asyncio
-
     route = [0.5, 0.3, 0.2]
     fused, router, experts = _Handle(), _Handle(route=route), {n: _Handle() for n in EXPERTS}
     cfg = ServeConfig(topology="routed", route_threshold=0.6)
@@ -221,6 +223,30 @@ def test_routed_fallback_reuses_a_sequence_routers_weights(sequence_router):
     router._route = [0.1, 0.8, 0.1]  # confident: the expert's own replicas, no weights sent
     result = asyncio.run(d.collect(p))
     assert result["deployment"] == "expert:sort" and experts["sort"].sent[0]["expert_weights"] is None
+
+
+def test_a_whole_answer_is_one_call_and_streams_say_where_they_went_once():
+    """Non-streaming plans take one `complete` call (no per-token messages); a stream's first chunk
+    carries the route, later ones none; both end with the same answer and route."""
+    fused = _Handle()
+    d = Dispatcher(ServeConfig(), EXPERTS, synthetic.build_tokenizer(), 64, fused, None, {})
+    (p,) = plan(d, expert_weights=dict(zip(EXPERTS, [0.0, 1.0, 0.0])))
+
+    async def streamed():
+        return [delta async for delta in d.deltas(p)]
+
+    chunks = asyncio.run(streamed())
+    assert [c["text"] for c in chunks] == ["o", "k"] and "route" not in chunks[1]
+    assert chunks[0]["route"] == {
+        "deployment": "fused",
+        "version": None,
+        "pinned": None,
+        "expert_weights": dict(zip(EXPERTS, [0.0, 1.0, 0.0])),
+    }
+    whole = asyncio.run(d.collect(p))
+    assert whole == functools.reduce(lambda r, c: d.accumulate(r, c), chunks, None)
+    assert whole["completion_tokens"] == 2 and whole["deployment"] == "fused"
+    assert fused.sent[0] == fused.sent[1] and fused.sent[0]["expert_weights"] == [0.0, 1.0, 0.0]
 
 
 def test_off_values_of_unsupported_parameters_and_bookkeeping_pass(dispatcher):

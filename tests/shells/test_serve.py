@@ -1,6 +1,7 @@
 """The Serve app over real HTTP on a real local Ray: the official `openai` client, both
 topologies, every bad input, the API key, and a bounded load test."""
 
+import json
 import socket
 import statistics
 import subprocess
@@ -317,6 +318,35 @@ def test_a_client_that_disconnects_stops_its_rows_decoding(world):
     assert not any(s["running"] for s in handle_stats("fused")["scheduler"].values())  # its slot is free
     ok = post(world["url"], {**body, "max_tokens": 4})  # and the replica serves on
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_frees_its_slot(world):
+    """Non-streaming requests are one call to the replica (not a stream of tokens): closing the
+    connection mid-answer cancels that call too, and the rows stop decoding."""
+    before = handle_stats("fused")["cancelled"]
+    socks = []
+    for seed in range(6):  # several long answers at once: some are surely still decoding when we hang up
+        body = {"model": "loramix", "prompt": PROMPTS["sort"], "max_tokens": 64, "temperature": 1.0, "seed": seed}
+        data = json.dumps(body)
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock = socket.create_connection(("127.0.0.1", world["port"]))
+        sock.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n{data}".encode())
+        socks.append(sock)
+
+    def running() -> int:
+        return sum(s["running"] for s in handle_stats("fused")["scheduler"].values())
+
+    deadline = time.monotonic() + 20
+    while not running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for sock in socks:
+        sock.close()
+    while handle_stats("fused")["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert handle_stats("fused")["cancelled"] > before
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running()  # every slot is free
 
 
 def test_serve_update_switches_versions_under_load_without_a_failed_request(world, tmp_path):
