@@ -88,7 +88,9 @@ class LoraStage(Stage):
 
     ``section`` is the config section of its optimiser (``expert`` or ``universal``); ``trunk``
     names the stage whose adapter a MoDULA-Res expert reads; ``budget_from`` (multitask) sets
-    its steps to what those stages used together, with no early stopping.
+    its steps to what those stages used together, with no early stopping. ``replaces``: how many
+    trainers' CPUs it may take because nothing else trains meanwhile (the multitask baseline
+    after its experts, a MoDULA-Res universal before them); it never enters the key.
     """
 
     sources: tuple[tuple[str, str], ...] = ()
@@ -98,6 +100,7 @@ class LoraStage(Stage):
     budget_from: tuple[str, ...] = ()
     share: float = 0.0  # of the rows drawn from the sources after the first (:func:`stages.source_rows`)
     data_label: str = ""
+    replaces: int = 1
     kind: ClassVar[str] = "lora"
     result_type: ClassVar = LoraResult
 
@@ -187,6 +190,7 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
     plan: list[Stage] = [BaseStage("base")]
     trunk = None
     universal_deps: tuple[str, ...] = ()
+    trained = max(1, sum(not d.adapter for d in domains))  # experts that train here, each on its own CPUs
     if cfg.universal.enabled:
         u = cfg.universal
         general, share = u.train, u.domain_share
@@ -197,10 +201,14 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
         label = "the union of the domains (no `universal.train`)"
         if general:
             label = f"general data ({general})" + (f" + {share:.0%} of its rows from the domains" if share else "")
-        universal = LoraStage("universal", ("base",), sources, "universal", "universal", share=share, data_label=label)
-        plan.append(universal)
+        trunk = "universal" if u.variant == "res" else None
+        alone = trained if trunk else 1  # every Res expert waits for it
+        plan.append(
+            LoraStage(
+                "universal", ("base",), sources, "universal", "universal", share=share, data_label=label, replaces=alone
+            )
+        )
         universal_deps = ("universal",)
-        trunk = "universal" if cfg.universal.variant == "res" else None
     experts = []
     for d in domains:
         name = f"expert/{d.name}"
@@ -230,6 +238,7 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
                 "multitask_lora",
                 budget_from=tuple(experts),
                 data_label="the union of the domains",
+                replaces=trained,
             )
         )
     loras = (*universal_deps, *experts)

@@ -121,7 +121,7 @@ class LoraSpec:
     trunk: str | None  # MoDULA-Res: the universal adapter under the expert
     out_dir: str
     data: str
-    replaces: int = 1  # trainers whose work this one does alone (multitask: its experts'); see fit_lora
+    replaces: int = 1  # trainers whose CPUs it may take (:attr:`loramix.plan.LoraStage.replaces`)
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -165,7 +165,7 @@ def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
     random.Random(cfg.seed).shuffle(train)
     trunk = inputs[stage.trunk].path if stage.trunk else None
     out_dir = str(ctx.out / stage.out_dir)
-    return LoraSpec(stage.name, optim, train, val, trunk, out_dir, stage.data_label, max(1, len(stage.budget_from)))
+    return LoraSpec(stage.name, optim, train, val, trunk, out_dir, stage.data_label, max(1, stage.replaces))
 
 
 def val_loss_fn(model, val: list[data.Example], batch_size: int, pad_id: int):

@@ -28,3 +28,18 @@ def test_scaling_config_reserves_the_widened_cpus():
     scaling = scaling_config(config(), 2.0)
     assert scaling.num_workers == 1 and scaling.resources_per_worker == {"CPU": 2.0}
     assert scaling_config(config(use_gpu=True)).resources_per_worker == {"CPU": 1.0, "GPU": 1}
+
+
+def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
+    """The multitask baseline (after every expert) and a MoDULA-Res universal (before every expert)
+    may take the experts' CPUs; experts and a Flan universal, which train beside others, may not."""
+    from loramix import plan
+
+    domains = [{"name": n, "train": f"{n}.jsonl"} for n in ("a", "b", "c")]
+    adapter = {"name": "d", "train": "d.jsonl", "adapter": "lora/d"}  # trained elsewhere: holds no CPU
+    for variant, more, universal in (("res", [], 3), ("flan", [adapter], 1), ("res", [adapter], 3)):
+        data = {"recipe": "modula", "data": {"domains": domains + more}, "universal": {"enabled": True}}
+        data["universal"]["variant"] = variant
+        stages = {s.name: s for s in plan.build_plan(build_config(data))}
+        assert stages["universal"].replaces == universal
+        assert stages["multitask_lora"].replaces == 3 and stages["expert/a"].replaces == 1
