@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramix.kv_slots import SlotCache, slot_mask
+from loramix.kv_slots import SlotCache, compaction, slot_mask
 from loramix.routing import CallState
 from loramix.serving import Completion, Delta, Engine, GenerationRequest, _generator, _Row, _sample
 
@@ -142,11 +142,12 @@ class _Batch:
                 x.deliver(Delta("", [], "error", error=error))
 
     def sweep(self) -> int:
-        """Drop finished and cancelled rows, compacting slots and routing state; how many left."""
+        """Drop finished and cancelled rows, moving the last rows into their slots (cache, routing
+        state and rows alike); how many left."""
         for x in self.live:
             if x.request.cancel is not None and x.request.cancel.is_set():
                 x.row.done = True
-        keep = [i for i, x in enumerate(self.live) if not x.row.done]
+        keep = compaction([i for i, x in enumerate(self.live) if not x.row.done])
         gone = len(self.live) - len(keep)
         if gone:
             if keep:

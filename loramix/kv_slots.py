@@ -55,11 +55,26 @@ class SlotCache:
         return k[:, :, : self.length], v[:, :, : self.length]
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only slots ``rows`` (in that order) as slots ``0..len(rows)``."""
-        index = torch.tensor(rows, device=self.k[0].device)
+        """Keep only slots ``rows`` (in that order) as slots ``0..len(rows)``; only the slots that
+        move are copied (:func:`compaction` orders ``rows`` so that is one per slot that left)."""
+        moved = [(i, r) for i, r in enumerate(rows) if i != r]
+        if not moved:
+            return
+        device = self.k[0].device
+        dst = torch.tensor([i for i, _ in moved], device=device)
+        src = torch.tensor([r for _, r in moved], device=device)
         for cache in (self.k, self.v):
             for t in cache:
-                t[: len(rows)] = t.index_select(0, index)
+                t.index_copy_(0, dst, t.index_select(0, src))
+
+
+def compaction(kept: list[int]) -> list[int]:
+    """The surviving slots ``kept`` (ascending) in the order :meth:`SlotCache.keep` moves least:
+    slots already below ``len(kept)`` stay, the ones above fill the holes the others left. Every
+    row of a step leaving would otherwise shift the whole cache down by one."""
+    n, stay = len(kept), set(kept)
+    above = [i for i in kept if i >= n]
+    return [i if i in stay else above.pop() for i in range(n)]
 
 
 def slot_mask(pos: torch.Tensor, length: int, attn: str, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from test_serving import PROMPTS, reference
 
 from loramix.batching import Scheduler
-from loramix.kv_slots import SlotCache, slot_mask
+from loramix.kv_slots import SlotCache, compaction, slot_mask
 from loramix.serving import Engine, GenerationRequest, SamplingParams
 from loramix.synthetic import demo_artifact
 
@@ -216,8 +216,17 @@ def test_slot_cache_writes_each_row_at_its_own_position_and_masks_the_rest():
     assert mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 3, [True] * 6, [True] * 4 + [False] * 2]
     eager = slot_mask(torch.tensor([[1]]), 3, "eager", torch.float32)
     assert eager[0, 0, 0, :2].tolist() == [0.0, 0.0] and eager[0, 0, 0, 2] == torch.finfo(torch.float32).min
-    cache.keep([2, 0])  # rows leave: the others move down, in order
-    assert cache.k[0][0, 0, 3, 0] == 7 and cache.k[0][1, 0, 2, 0] == 7
+    before = [k.clone() for k in cache.k]
+    cache.keep([2, 0])  # rows leave: the others move down, in that order
+    assert torch.equal(cache.k[0][:2], before[0][[2, 0]])
+
+
+def test_compaction_moves_only_the_rows_above_the_survivors_into_the_holes():
+    assert compaction([0, 1, 2]) == [0, 1, 2]  # nothing left: nothing moves
+    order = compaction([0, 2, 3, 5, 6])  # slots 1 and 4 left: 6 and 5 take their places
+    assert order == [0, 6, 2, 3, 5]
+    assert [i for i, r in enumerate(order) if i != r] == [1, 4]  # two copies, one per slot that left
+    assert compaction([3]) == [3] and compaction([]) == []
 
 
 def test_a_closed_scheduler_asked_again_serves_again_and_a_crashing_step_answers_everyone(engine, monkeypatch):
