@@ -29,8 +29,9 @@ def widened_cpus(cfg: LoramixConfig, replaces: int, nodes: list[float]) -> float
     The multitask baseline trains the steps of every expert together, after they finished, and a
     MoDULA-Res universal LoRA trains before any expert can start: with ``resources.cpus_per_worker``
     each would use one CPU of a machine the experts keep busy (on the 2-CPU demo, half of the run's
-    wall time went to the baseline on one core). It takes the CPUs those trainers hold together, capped by the largest node (``nodes``: each alive node's CPUs) and by the
-    cluster's CPUs shared among its workers; never fewer than ``cpus_per_worker``. GPU trainers
+    wall time went to the baseline on one core). It takes the CPUs those trainers hold together,
+    capped by the largest node (``nodes``: each alive node's CPUs) and by the cluster's CPUs
+    shared among its workers; never fewer than ``cpus_per_worker``. GPU trainers
     are bound by their GPU and keep ``cpus_per_worker``.
     """
     res = cfg.resources

@@ -194,10 +194,10 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
     if cfg.universal.enabled:
         u = cfg.universal
         general, share = u.train, u.domain_share
-        sources = tuple((d.name, d.train) for d in domains)
+        drawn = tuple((d.name, d.train) for d in domains)
         if u.domain_files is not None:  # pinned by the expert commands
-            sources = tuple((Path(f).stem, f) for f in u.domain_files)
-        sources = (*((("general", general),) if general else ()), *(sources if u.draws_from_domains else ()))
+            drawn = tuple((Path(f).stem, f) for f in u.domain_files)
+        sources = ((("general", general),) if general else ()) + (drawn if u.draws_from_domains else ())
         label = "the union of the domains (no `universal.train`)"
         if general:
             label = f"general data ({general})" + (f" + {share:.0%} of its rows from the domains" if share else "")

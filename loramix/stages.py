@@ -165,7 +165,7 @@ def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
     random.Random(cfg.seed).shuffle(train)
     trunk = inputs[stage.trunk].path if stage.trunk else None
     out_dir = str(ctx.out / stage.out_dir)
-    return LoraSpec(stage.name, optim, train, val, trunk, out_dir, stage.data_label, max(1, stage.replaces))
+    return LoraSpec(stage.name, optim, train, val, trunk, out_dir, stage.data_label, stage.replaces)
 
 
 def val_loss_fn(model, val: list[data.Example], batch_size: int, pad_id: int):
