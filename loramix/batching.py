@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loramix.decode_graphs import StepGraphs
 from loramix.kv_slots import SlotCache, compaction, slot_mask
 from loramix.routing import CallState
 from loramix.serving import Completion, Delta, Engine, GenerationRequest, _generator, _Row, _sample
@@ -56,13 +57,14 @@ class _Live:
 class _Batch:
     """Running rows of one routing mode: their cache slots and, on a mixture, their routing state."""
 
-    def __init__(self, engine: Engine, slots: int):
+    def __init__(self, engine: Engine, slots: int, cuda_graphs: bool = True):
         self.engine = engine
         self.live: list[_Live] = []
         p = next(engine.lm.parameters())
         self.cache = SlotCache(engine.lm.config, slots, p.dtype, p.device)
         self.attn = getattr(engine.lm.config, "_attn_implementation", None) or "sdpa"
         self.call: CallState | None = None
+        self.graphs = StepGraphs.for_batch(self, cuda_graphs)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int, length: int, keep=None):
         self.cache.bind(start, pos, length)
@@ -114,16 +116,19 @@ class _Batch:
     def decode(self, rows: int) -> None:
         """One token for the first ``rows`` running rows (those admitted before this step)."""
         lives = self.live[:rows]
-        device = self.engine.device
-        ids = torch.tensor([[x.token] for x in lives], device=device)
-        pos = torch.tensor([[x.length] for x in lives], device=device)
-        length = max(x.length for x in lives) + 1
-        using = nullcontext() if self.call is None else self.engine.mixture.routing.using(self.call)
-        with using:
-            out = self._forward(ids, pos, 0, length)
+        tokens, positions = [x.token for x in lives], [x.length for x in lives]
+        length = max(positions) + 1
+        logits = None if self.graphs is None else self.graphs.decode(tokens, positions, length)
+        if logits is None:
+            device = self.engine.device
+            ids = torch.tensor(tokens, device=device)[:, None]
+            pos = torch.tensor(positions, device=device)[:, None]
+            using = nullcontext() if self.call is None else self.engine.mixture.routing.using(self.call)
+            with using:
+                logits = self._forward(ids, pos, 0, length).logits[:, -1]
         for x in lives:
             x.length += 1
-        self._emit(lives, out.logits[:, -1])
+        self._emit(lives, logits)
 
     def _emit(self, lives: list[_Live], logits: torch.Tensor) -> None:
         tokens = _sample(logits.float(), [x.request for x in lives], [x.gen for x in lives])
@@ -167,13 +172,17 @@ class Scheduler:
         engine: the model, tokenizer and request checks.
         max_running: requests decoding at once (KV cache slots); more wait in arrival order.
         max_batched_tokens: tokens one step may run: one per running row plus the prompts it admits.
+        cuda_graphs: on a CUDA device, decode through CUDA graphs (:mod:`loramix.decode_graphs`).
     """
 
-    def __init__(self, engine: Engine, *, max_running: int = 32, max_batched_tokens: int = 2048):
+    def __init__(
+        self, engine: Engine, *, max_running: int = 32, max_batched_tokens: int = 2048, cuda_graphs: bool = True
+    ):
         if max_running < 1 or max_batched_tokens < 1:
             raise ValueError("`max_running_requests` and `max_batched_tokens` must be >= 1.")
         self.engine = engine
         self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
+        self.cuda_graphs = cuda_graphs
         self.batches: dict[str, _Batch] = {}
         self.waiting: deque[tuple[GenerationRequest | Exception, Deliver]] = deque()
         self._work = threading.Condition()
@@ -268,7 +277,7 @@ class Scheduler:
             rows = [taken[i] for i in index]
             batch = self.batches.get(mode)
             if batch is None:
-                batch = self.batches[mode] = _Batch(self.engine, self.max_running)
+                batch = self.batches[mode] = _Batch(self.engine, self.max_running, self.cuda_graphs)
             start = len(batch.live)
             ok = self._guarded(batch, None, batch.prefill, rows, weights, routes, new=[d for _, d in rows])
             if ok:

@@ -54,13 +54,13 @@ def topk_gates(
     Args:
         logits: ``[..., E]`` router logits.
         k: experts kept per row.
-        masked: ``[E]`` bool, experts excluded (before the softmax, so the others renormalise).
+        masked: ``[E]`` bool, experts excluded before the softmax (always applied on a GPU: no host sync).
         straight_through: training: ``gates + probs - probs.detach()``. The forward value is the
             sparse gates, the gradient is the dense softmax's. Without it a renormalised top-1
             gate is constant and its router never learns; keeping the unrenormalised top
             probability (Switch) would instead train a model that inference does not run.
     """
-    if masked is not None and masked.any():
+    if masked is not None and (logits.is_cuda or masked.any()):
         logits = logits.masked_fill(masked, float("-inf"))
     probs = logits.float().softmax(-1)
     if k >= probs.shape[-1]:

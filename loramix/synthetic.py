@@ -137,6 +137,7 @@ def demo_artifact(
     router_steps=30,
     hidden_size: int = 64,
     num_layers: int = 2,
+    router_kwargs: dict | None = None,
 ):
     """A saved mixture on the demo world in seconds, for tests and serving benchmarks: the char
     tokenizer (``path/tokenizer``), an untrained small Llama (``<path>-base``), random experts
@@ -168,7 +169,7 @@ def demo_artifact(
         adapters[name] = str(path.parent / f"{path.name}-adapters" / name)
         base = peft_model.unload()
     base.save_pretrained(str(path.parent / f"{path.name}-base"))
-    mm = MixtureModel.from_adapters(base, adapters, router=recipe, top_k=top_k)
+    mm = MixtureModel.from_adapters(base, adapters, router=recipe, top_k=top_k, **(router_kwargs or {}))
     torch.manual_seed(seed + 100)  # a briefly trained router, so prompts route by their cue word
     rows = [e for i, n in enumerate(experts) for e in data.tokenize_rows(make_rows(n, 64, seed), tokenizer, 32, i)]
     it = data.batches(rows, 32, tokenizer.pad_token_id, seed=seed, steps=router_steps)

@@ -27,3 +27,16 @@ def one_hot(batch: int, n: int, i: int) -> torch.Tensor:
     w = torch.zeros(batch, n)
     w[:, i] = 1.0
     return w
+
+
+def drive(scheduler, requests, arrivals: dict[int, list[int]]) -> list[list]:
+    """Step ``scheduler`` until idle, submitting ``requests[i]`` before step ``s`` for each
+    ``arrivals[s] = [i, ...]``; returns each request's Deltas."""
+    out = [[] for _ in requests]
+    step = 0
+    while step <= max(arrivals) or not scheduler.idle():
+        for i in arrivals.get(step, []):
+            scheduler.submit(requests[i], out[i].append)
+        scheduler.step()
+        step += 1
+    return out

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from helpers import drive
 from test_serving import PROMPTS, reference
 
 from loramix.batching import Scheduler
@@ -38,15 +39,8 @@ def test_staggered_arrivals_of_routed_and_pinned_requests_equal_generate(engine)
     weights = [None] * 4 + [onehot(engine, 0), onehot(engine, 1), [0.5, 0.5, *[0.0] * (len(engine.expert_names) - 2)]]
     lengths = [10, 3, 7, 12, 5, 9, 6]
     reqs = [request(engine, t, n, w) for t, n, w in zip(texts, lengths, weights)]
-    out = [[] for _ in reqs]
     scheduler = Scheduler(engine, max_running=4)
-    arrivals = {0: [0, 1], 1: [2], 3: [3, 4], 4: [5], 9: [6]}  # step -> requests arriving before it
-    step = 0
-    while step <= max(arrivals) or not scheduler.idle():
-        for i in arrivals.get(step, []):
-            scheduler.submit(reqs[i], out[i].append)
-        scheduler.step()
-        step += 1
+    out = drive(scheduler, reqs, {0: [0, 1], 1: [2], 3: [3, 4], 4: [5], 9: [6]})  # step -> requests arriving before it
     for r, ds, text in zip(reqs, out, texts):
         assert tokens(ds) == reference(engine, text, r.params.max_tokens, r.expert_weights)
         assert ds[-1].finish_reason in ("stop", "length") and all(d.finish_reason is None for d in ds[:-1])
