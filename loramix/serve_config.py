@@ -93,6 +93,9 @@ class ServeConfig(Section):
     max_batched_tokens: int = Field(2048, ge=1)
     """Tokens one decoding step may run: one per running request plus the prompts it admits (a
     longer prompt is admitted alone)."""
+    cuda_graphs: bool = True
+    """On GPU replicas, run each decoding step as a CUDA graph (captured per batch size on first use;
+    several times the tokens/s of eager decoding on small and mid-sized models). No effect on CPUs."""
     max_batch_size: int = Field(16, ge=1)
     """Prompts a router replica scores together (`@serve.batch`)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)

@@ -115,7 +115,7 @@ def build_app(args: dict):
     if cfg.topology == "routed" and manifest.get("router") is None:
         raise ConfigError(f"{artifact!r} has no router, so `serve.topology: routed` cannot dispatch; use `fused`.")
     opts = deployments(artifact, cfg)
-    limits = (cfg.max_running_requests, cfg.max_batched_tokens)
+    limits = (cfg.max_running_requests, cfg.max_batched_tokens, cfg.cuda_graphs)
 
     def bind(cls, name: str, *init):
         return cls.options(name=name, **live, **opts[name]).bind(*init)

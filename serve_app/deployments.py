@@ -107,12 +107,24 @@ class ModelDeployment:
         expert: serve this expert merged into the base, or None for the fused mixture.
         max_running_requests: requests decoding at once (KV cache slots); more wait in arrival order.
         max_batched_tokens: tokens one decoding step may run (running rows + admitted prompts).
+        cuda_graphs: on a GPU, decode through CUDA graphs (:mod:`loramix.decode_graphs`).
     """
 
-    def __init__(self, source: str, expert: str | None = None, max_running_requests=32, max_batched_tokens=2048):
+    def __init__(
+        self,
+        source: str,
+        expert: str | None = None,
+        max_running_requests: int = 32,
+        max_batched_tokens: int = 2048,
+        cuda_graphs: bool = True,
+    ):
         self.expert = expert
         self.requests = self.cancelled = 0
-        limits = {"max_running": max_running_requests, "max_batched_tokens": max_batched_tokens}
+        limits = {
+            "max_running": max_running_requests,
+            "max_batched_tokens": max_batched_tokens,
+            "cuda_graphs": cuda_graphs,
+        }
         self.versions = Versions(
             source,
             functools.partial(Engine.from_artifact, expert=expert),

@@ -384,3 +384,18 @@ def test_deltas_that_piled_up_go_out_as_one_chunk():
 
     out = _merged([Delta("a", [5], route=[1.0, 0.0]), Delta("b", [6]), Delta("", [], "stop")])
     assert out == {"text": "ab", "token_ids": [5, 6], "finish_reason": "stop", "route": [1.0, 0.0], "error": None}
+
+
+def test_model_replicas_get_the_decoding_settings(tmp_path):
+    """`serve.max_running_requests`, `max_batched_tokens` and `cuda_graphs` reach every model
+    replica's constructor (its Scheduler), in both topologies."""
+    from serve_app.app import build_app
+
+    art = demo_artifact(tmp_path / "artifact", router_steps=1)
+    serve = {"topology": "routed", "max_running_requests": 5, "max_batched_tokens": 77, "cuda_graphs": False}
+    ingress = build_app({"artifact": str(art), "serve": serve})._bound_deployment
+    _, _, fused, router, experts = ingress.init_args
+    models = [a._bound_deployment for a in (fused, *experts.values())]
+    assert router._bound_deployment.name == "router"
+    assert {m.name for m in models} == {"fused", "expert-reverse", "expert-sort", "expert-shift"}
+    assert all(m.init_args[2:] == (5, 77, False) for m in models)
