@@ -9,7 +9,11 @@ CI and the test suite run on CPUs only. On a machine with a CUDA GPU this script
 3. ``deepspeed``: the Ray Train worker's DeepSpeed engine on the GPU with NCCL, ZeRO 0/2/3 over
    a bf16 base: the loss falls, and the ZeRO-3 adapter equals the ZeRO-0 one;
 4. ``bench``: ``loramix bench`` sections at the issue's sizes (fp32, bf16) and Llama-7B-shaped
-   blocks (bf16), each a ratio against a baseline timed alternately in the same process.
+   blocks (bf16), each a ratio against a baseline timed alternately in the same process;
+5. ``profile``: kernel counts and GPU time of the base and the mixture forward;
+6. ``graphs``: CUDA graphs (:mod:`loramix.decode_graphs`): greedy decoding through graphs equals
+   ``generate`` and eager decoding for moa, mole and modula with staggered arrivals; decode
+   tokens/s graph vs eager; the mixture forward / base forward, both captured as graphs.
 
 Each part is independent (one failing is recorded and the next runs); results go to
 ``DIR/device_check.json`` after every part, so a run cut short keeps what finished.
@@ -21,6 +25,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import tempfile
 import time
 import traceback
@@ -30,7 +35,7 @@ import torch
 
 from benchmarks import TINY_SYNTHETIC
 
-PARTS = ("pipeline", "serving", "deepspeed", "bench", "profile")
+PARTS = ("pipeline", "serving", "deepspeed", "bench", "profile", "graphs")
 CUDA = torch.cuda.is_available()  # --dry-run on a CPU exercises the script itself, not the GPU
 
 
@@ -235,6 +240,142 @@ def profile(root: Path) -> dict:
     return out
 
 
+def _graphed(fn):
+    """``fn`` captured as a CUDA graph (warmed up on a side stream first); returns its replay.
+    On a CPU (--dry-run): ``fn`` itself."""
+    if not CUDA:
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@torch.no_grad()
+def _forward_graphs(root: Path, size: str, dtype: str) -> dict:
+    """Mixture forward / base forward at ``size``, each captured as a CUDA graph (and eager, for reference)."""
+    from benchmarks.bench import BenchConfig, build, paired  # lazy: each benchmark loads only its own stack
+    from loramix import MixtureModel  # lazy: each benchmark loads only its own stack
+
+    cfg = BenchConfig.preset(size if CUDA else "quick", device="cuda" if CUDA else "cpu", dtype=dtype)
+    fresh, adapters = build(cfg, root / f"fwd-{size}-{dtype}")
+    base = fresh()
+    mm = MixtureModel.from_adapters(fresh(), adapters, router=None).cast_experts(getattr(torch, dtype))
+    ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq), device=cfg.device)
+    weights = torch.zeros(cfg.batch, cfg.experts)
+    for row in range(cfg.batch):
+        weights[row, [row % cfg.experts, (row + 3) % cfg.experts]] = 0.5
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+
+    def run_base():
+        return base(input_ids=ids, logits_to_keep=1, use_cache=False)
+
+    def run_mixture():  # inside decoding(): the gates are fixed, as a serving step's are
+        return mm.base_model(input_ids=ids, logits_to_keep=1, use_cache=False)
+
+    with mm.decoding(ids, torch.ones_like(ids), weights):
+        t_base, t_mix, ratio = paired(_graphed(run_base), _graphed(run_mixture), cfg.repeats, sync)
+        e_base, e_mix, e_ratio = paired(run_base, run_mixture, cfg.repeats, sync)
+    return {
+        "graph_base_ms": 1e3 * t_base,
+        "graph_mixture_ms": 1e3 * t_mix,
+        "graph_ratio": ratio,
+        "eager_base_ms": 1e3 * e_base,
+        "eager_mixture_ms": 1e3 * e_mix,
+        "eager_ratio": e_ratio,
+        "target_ratio": 1.15,
+    }
+
+
+def graphs(root: Path) -> dict:
+    """CUDA graphs: the decoding engine (equality, tokens/s) and the forward (mixture / base)."""
+    import sys  # lazy: each benchmark loads only its own stack
+
+    from loramix import decode_graphs  # lazy: each benchmark loads only its own stack
+    from loramix.batching import Scheduler  # lazy: each benchmark loads only its own stack
+    from loramix.serving import Engine, GenerationRequest, SamplingParams  # lazy: only its own stack
+    from loramix.synthetic import demo_artifact  # lazy: each benchmark loads only its own stack
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_decode_graphs import RECIPES, run_staggered  # the test suite's trace, on the GPU
+
+    decode_graphs.EMULATE_ON_CPU = not CUDA  # --dry-run: the same path, emulated
+    out: dict = {"equal": {}}
+    for recipe, kwargs in RECIPES.items():
+        path = demo_artifact(root / f"graphs-{recipe}" / "artifact", recipe=recipe, top_k=2, router_kwargs=kwargs)
+        engine = Engine.from_artifact(path)
+        runs = {}
+        for name, on in (("graph", True), ("eager", False)):
+            scheduler = Scheduler(engine, max_running=6, cuda_graphs=on)
+            runs[name] = run_staggered(scheduler, engine)[2]
+            if on:
+                held = [b.graphs for b in scheduler.batches.values()]
+                assert held and all(g is not None and not g.broken and g.graphs for g in held), "no graph replayed"
+        reqs, texts, _ = run_staggered(Scheduler(engine, max_running=6, cuda_graphs=False), engine)
+        mm = engine.mixture
+        ref = []
+        for r, text in zip(reqs[:7], texts):
+            ids = torch.tensor([engine.encode(text)], device=engine.device)
+            w = None if r.expert_weights is None else torch.tensor([r.expert_weights])
+            got = mm.generate(ids, max_new_tokens=r.params.max_tokens, expert_weights=w, pad_token_id=0)
+            toks, eos = got[0, ids.shape[1] :].tolist(), engine.tokenizer.eos_token_id
+            ref.append(toks[: toks.index(eos)] if eos in toks else toks)
+        out["equal"][recipe] = {
+            "graph_equals_generate": runs["graph"][:7] == ref,
+            "graph_equals_eager_incl_sampled": runs["graph"] == runs["eager"],
+        }
+        print(f"--- graphs {recipe}: {out['equal'][recipe]}", flush=True)
+    assert all(v for r in out["equal"].values() for v in r.values()), out["equal"]
+
+    # Decode tokens/s: 32 rows decoding up to 96 tokens each, graphs vs eager alternately (median of
+    # 3); one scheduler per mode, so graphs are captured once (the warm-up) and replayed after.
+    sizes = {"demo": (128, 4), "wide": (1024, 8)} if CUDA else {"demo": (64, 2)}
+    for size, (hidden, layers) in sizes.items():
+        path = demo_artifact(root / f"decode-{size}" / "artifact", top_k=2, hidden_size=hidden, num_layers=layers)
+        engine = Engine.from_artifact(path)
+        prompts = [engine.encode(f"{n} {'abcdefgh'[: 3 + i % 5]}=") for i, n in enumerate(engine.expert_names * 11)]
+        reqs = [GenerationRequest(p, SamplingParams(max_tokens=96 if CUDA else 16)) for p in prompts[:32]]
+        schedulers = {"graph": Scheduler(engine, cuda_graphs=True), "eager": Scheduler(engine, cuda_graphs=False)}
+
+        def decode(name, reqs=reqs, schedulers=schedulers):
+            t0 = time.perf_counter()
+            done = schedulers[name].complete(reqs)
+            assert all(c.finish_reason in ("stop", "length") for c in done), [c.error for c in done]
+            return sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0), [c.token_ids for c in done]
+
+        t0 = time.perf_counter()
+        _, first = decode("graph")  # captures its graphs
+        capture_s = time.perf_counter() - t0
+        assert decode("eager")[1] == first, "graph and eager decoding differ"
+        rates = {"graph": [], "eager": []}
+        for _ in range(3):
+            for name in rates:
+                rates[name].append(decode(name)[0])
+        graph, eager = statistics.median(rates["graph"]), statistics.median(rates["eager"])
+        out[f"decode_{size}"] = {
+            "hidden": hidden,
+            "layers": layers,
+            "graph_tokens_per_s": graph,
+            "eager_tokens_per_s": eager,
+            "speedup": graph / eager,
+            "first_run_with_captures_s": capture_s,
+            "graphs_captured": sum(len(b.graphs.graphs) for b in schedulers["graph"].batches.values()),
+        }
+        print(f"--- graphs decode {size}: {out[f'decode_{size}']}", flush=True)
+
+    # The forward: base vs mixture (fixed top-2 weights per row), both as CUDA graphs.
+    for size, dtype in (("default", "float32"), ("default", "bfloat16"), ("large", "bfloat16")):
+        out[f"forward_{size}_{dtype}"] = _forward_graphs(root, size, dtype)
+        print(f"--- graphs forward {size} {dtype}: {out[f'forward_{size}_{dtype}']}", flush=True)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -257,7 +398,14 @@ def main() -> int:
             "gpu": torch.cuda.get_device_name() if CUDA else None,
         }
     }
-    funcs = {"pipeline": pipeline, "serving": serving, "deepspeed": deepspeed_zero, "bench": bench, "profile": profile}
+    funcs = {
+        "pipeline": pipeline,
+        "serving": serving,
+        "deepspeed": deepspeed_zero,
+        "bench": bench,
+        "profile": profile,
+        "graphs": graphs,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
             t0 = time.perf_counter()
