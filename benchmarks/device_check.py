@@ -68,7 +68,7 @@ def pipeline(root: Path) -> dict:
     from loramix.demo import run_demo  # lazy: each benchmark loads only its own stack
 
     out = {}
-    modula = {"universal.enabled": "true", "router.context": "prompt", "router.label_coef": 5}
+    modula = {"universal.enabled": "true", "universal.steps": 20, "router.context": "prompt", "router.label_coef": 5}
     runs = (
         ("moa", {}),
         ("mole", {"router.label_coef": 5}),
