@@ -304,6 +304,7 @@ def graphs(root: Path) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from test_decode_graphs import RECIPES, run_staggered  # the test suite's trace, on the GPU
+    from test_serving import reference  # MixtureModel.generate on one prompt, cut at EOS
 
     decode_graphs.EMULATE_ON_CPU = not CUDA  # --dry-run: the same path, emulated
     out: dict = {"equal": {}}
@@ -313,19 +314,11 @@ def graphs(root: Path) -> dict:
         runs = {}
         for name, on in (("graph", True), ("eager", False)):
             scheduler = Scheduler(engine, max_running=6, cuda_graphs=on)
-            runs[name] = run_staggered(scheduler, engine)[2]
+            reqs, texts, runs[name] = run_staggered(scheduler, engine)
             if on:
                 held = [b.graphs for b in scheduler.batches.values()]
                 assert held and all(g is not None and not g.broken and g.graphs for g in held), "no graph replayed"
-        reqs, texts, _ = run_staggered(Scheduler(engine, max_running=6, cuda_graphs=False), engine)
-        mm = engine.mixture
-        ref = []
-        for r, text in zip(reqs[:7], texts):
-            ids = torch.tensor([engine.encode(text)], device=engine.device)
-            w = None if r.expert_weights is None else torch.tensor([r.expert_weights])
-            got = mm.generate(ids, max_new_tokens=r.params.max_tokens, expert_weights=w, pad_token_id=0)
-            toks, eos = got[0, ids.shape[1] :].tolist(), engine.tokenizer.eos_token_id
-            ref.append(toks[: toks.index(eos)] if eos in toks else toks)
+        ref = [reference(engine, t, r.params.max_tokens, r.expert_weights) for r, t in zip(reqs[:7], texts)]
         out["equal"][recipe] = {
             "graph_equals_generate": runs["graph"][:7] == ref,
             "graph_equals_eager_incl_sampled": runs["graph"] == runs["eager"],

@@ -26,7 +26,6 @@ from contextlib import nullcontext
 
 import torch
 
-from loramix.kv_slots import slot_mask
 from loramix.layers import GPU_ALL_RANKS_MAX
 from loramix.routing import CallState
 
@@ -157,10 +156,16 @@ class StepGraphs:
         pad = bucket - rows
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad]).unsqueeze(-1)
         self.io[:, :bucket].copy_(host, non_blocking=True)
-        # Rows' state into the buffers: only tensors not already there (a step leaves them in place).
+        # Rows' state into the buffers, once per new state (admissions, compaction): from then on the
+        # rows' state is the buffers' own rows, which the graph reads and advances in place.
         fresh = [(buffers[n][:rows], t) for n, t in tensors.items() if t.data_ptr() != buffers[n].data_ptr()]
         if fresh:
             torch._foreach_copy_([d for d, _ in fresh], [s for _, s in fresh])
+            live = self._call_over(buffers, rows)
+            call.block_gates.update(live.block_gates)
+            call.prefix.update(live.prefix)
+            if live.weights is not None:
+                call.weights = live.weights  # the same values: its derived fields still hold
         key = (bucket, span, layout)
         graph = self.graphs.get(key)
         if graph is None:
@@ -170,36 +175,21 @@ class StepGraphs:
                 logger.warning("capturing the decoding step failed; decoding eagerly", exc_info=True)
                 self.broken = True
                 return None
-        logits = graph.replay()
-        if call is not None:  # the rows' state is now the buffers' (advanced in place by the step)
-            live = self._call_over(buffers, rows)
-            call.block_gates.update(live.block_gates)
-            call.prefix.update(live.prefix)
-            if live.weights is not None:
-                call.weights = live.weights  # the same values: its derived fields still hold
-        return logits[:rows]
+        return graph.replay()[:rows]
 
     def _step(self, bucket: int, span: int, buffers: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
         """The step a graph holds: the forward over ``bucket`` rows, then the advanced state written back."""
-        engine, cache = self.engine, self.cache
+        engine = self.engine
         ids, pos = self.io[0, :bucket], self.io[1, :bucket]
         call = self._call_over(buffers, bucket) if engine.mixture is not None and buffers else None
         inputs = dict(call.prefix) if call is not None else {}
-        dtype = next(engine.lm.parameters()).dtype
 
         def step() -> torch.Tensor:
-            cache.bind(0, pos, span)
             using = nullcontext() if call is None else engine.mixture.routing.using(call)
             with using:
                 if call is not None:
                     call.prepared.clear()  # rank gates: computed from the gate buffers inside the graph
-                out = engine.lm(
-                    input_ids=ids,
-                    attention_mask=slot_mask(pos, span, self.batch.attn, dtype),
-                    position_ids=pos,
-                    use_cache=True,
-                    **{engine._cache_kw: cache},
-                )
+                out = self.batch._forward(ids, pos, 0, span)
             if inputs:  # a token router's running sums: advanced in place, then read from there again
                 for key, (total, count) in inputs.items():
                     total.copy_(call.prefix[key][0])

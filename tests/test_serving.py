@@ -24,7 +24,7 @@ def moa(tmp_path_factory):
 
 def reference(engine: Engine, text: str, max_tokens: int, weights=None) -> list[int]:
     """MixtureModel.generate on one unpadded prompt, cut at EOS."""
-    ids = torch.tensor([engine.encode(text)])
+    ids = torch.tensor([engine.encode(text)], device=engine.device)
     w = None if weights is None else torch.tensor([weights])
     out = engine.mixture.generate(
         ids, max_new_tokens=max_tokens, expert_weights=w, pad_token_id=0, eos_token_id=engine.tokenizer.eos_token_id
