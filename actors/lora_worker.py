@@ -185,7 +185,7 @@ def train_lora_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":  # as many threads as CPUs reserved (the multitask baseline may hold several)
+    if device.type == "cpu":  # as many threads as CPUs reserved (`resources.cpus_per_worker`)
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     if w.progress is not None:
         w.progress.worker.remote(w.name, rank, ray.get_runtime_context().get_node_id(), os.getpid())
@@ -207,7 +207,7 @@ def train_lora_worker(config: dict) -> None:
     start = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag="state")
+            engine.load_checkpoint(ckpt_dir, tag="state", load_module_strict=False)  # the LoRA: the base is not in it
             start = json.loads((Path(ckpt_dir) / "step.json").read_text())["step"]
             if validation is not None:
                 validation.load(Path(ckpt_dir) / "validation")
@@ -224,7 +224,9 @@ def train_lora_worker(config: dict) -> None:
             w.progress.update.remote(w.name, step, cfg.steps, metrics["loss"])
         if step % w.checkpoint_every == 0 and step < cfg.steps:
             with tempfile.TemporaryDirectory() as tmp:
-                engine.save_checkpoint(tmp, tag="state")  # every rank writes its ZeRO partition
+                # Every rank writes its ZeRO partition; the frozen base is the model's own files, not
+                # the checkpoint's (a 7B base would be 14 GB written every `checkpoint_every` steps).
+                engine.save_checkpoint(tmp, tag="state", exclude_frozen_parameters=True)
                 (Path(tmp) / "step.json").write_text(json.dumps({"step": step}))
                 if validation is not None and rank == 0:
                     validation.save(Path(tmp) / "validation")
