@@ -23,29 +23,36 @@ from loramix.messages import WorkerConfig
 from loramix.plan import BaseResult, LoraResult
 
 
-def widened_cpus(cfg: LoramixConfig, replaces: int, nodes: list[float]) -> float:
-    """CPUs per worker for a CPU trainer that trains while ``replaces`` trainers wait or are done.
+def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch_size: int) -> int:
+    """Data-parallel workers for a CPU trainer that trains while ``replaces`` trainers wait or are done.
 
     The multitask baseline trains the steps of every expert together, after they finished, and a
-    MoDULA-Res universal LoRA trains before any expert can start: with ``resources.cpus_per_worker``
-    each would use one CPU of a machine the experts keep busy (on the 2-CPU demo, half of the run's
-    wall time went to the baseline on one core). It takes the CPUs those trainers hold together,
-    capped by the largest node (``nodes``: each alive node's CPUs) and by the cluster's CPUs
-    shared among its workers; never fewer than ``cpus_per_worker``. GPU trainers
-    are bound by their GPU and keep ``cpus_per_worker``.
+    MoDULA-Res universal LoRA trains before any expert can start: with ``resources.num_workers``
+    each would use one worker's CPUs of a machine the experts keep busy. It takes the CPUs those
+    trainers held together (capped by the cluster's CPUs, ``nodes``: each alive node's) as more
+    workers of ``resources.cpus_per_worker`` each, every one on its share of the same global batch,
+    rather than more torch threads in one worker: a LoRA step's matrices are too small to spread
+    over threads (measured on the demo: one worker with two threads ran at one thread's speed),
+    while two workers each halve it. Only as many as divide ``batch_size``; GPU trainers are bound
+    by their GPU and keep ``resources.num_workers``.
     """
     res = cfg.resources
     if replaces <= 1 or res.use_gpu or not nodes:
-        return res.cpus_per_worker
-    fits = min(replaces * res.cpus_per_worker, max(nodes), sum(nodes) / res.num_workers)
-    return max(res.cpus_per_worker, float(int(fits)))
+        return res.num_workers
+    held = min(replaces * res.num_workers * res.cpus_per_worker, sum(nodes))
+    factor = max(1, int(held // (res.num_workers * res.cpus_per_worker)))
+    while factor > 1 and batch_size % (res.num_workers * factor):
+        factor -= 1
+    return res.num_workers * factor
 
 
-def scaling_config(cfg: LoramixConfig, cpus_per_worker: float | None = None) -> ScalingConfig:
+def scaling_config(cfg: LoramixConfig, num_workers: int | None = None) -> ScalingConfig:
     """``resources.*`` -> ``ScalingConfig`` (one GPU per worker when ``use_gpu``)."""
     res = cfg.resources
-    per_worker = {"CPU": cpus_per_worker or res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
-    return ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker)
+    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
+    return ScalingConfig(
+        num_workers=num_workers or res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
+    )
 
 
 def run_config(cfg: LoramixConfig, name: str) -> RunConfig:
@@ -88,13 +95,14 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         revision=cfg.model.revision,
         progress=progress,
     )
+    workers = widened_workers(cfg, spec.replaces, node_cpus(), spec.optim.batch_size)
     datasets = {"train": ray.data.from_items(_rows(spec.train))}
     if worker.validate:
         datasets["val"] = ray.data.from_items(_rows(spec.val))
     trainer = TorchTrainer(
         train_lora_worker,
         train_loop_config={"worker": worker},
-        scaling_config=scaling_config(cfg, widened_cpus(cfg, spec.replaces, node_cpus())),
+        scaling_config=scaling_config(cfg, workers),
         run_config=run_config(cfg, run_name),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker validates on all val rows
@@ -119,7 +127,7 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         summary["trainable_params"],
         summary["seconds"],
         zero_stage=cfg.train.zero_stage,
-        num_workers=cfg.resources.num_workers,
+        num_workers=workers,
         node_ids=sorted(set(nodes.values())),
         wall_seconds=time.perf_counter() - t0,
         resumed_from=summary.get("resumed_from", 0),

@@ -1,6 +1,6 @@
 """How many CPUs a LoRA trainer's workers reserve (Ray-free: the cluster's nodes are passed in)."""
 
-from actors.lora_trainer import scaling_config, widened_cpus
+from actors.lora_trainer import scaling_config, widened_workers
 from loramix.config import build_config
 
 
@@ -8,26 +8,34 @@ def config(**resources):
     return build_config({"resources": resources})
 
 
-def test_a_trainer_that_replaces_experts_takes_their_cpus_where_a_node_has_them():
-    assert widened_cpus(config(), 4, [2.0]) == 2.0  # the demo machine: both CPUs
-    assert widened_cpus(config(), 4, [8.0, 8.0]) == 4.0  # what its 4 experts held together
-    assert widened_cpus(config(cpus_per_worker=2), 4, [4.0, 16.0]) == 8.0
-    assert widened_cpus(config(num_workers=2), 4, [2.0]) == 1.0  # 2 workers share the 2 CPUs
-    assert widened_cpus(config(num_workers=2), 4, [4.0, 4.0]) == 4.0
+def test_a_trainer_that_replaces_experts_takes_their_cpus_as_more_workers():
+    assert widened_workers(config(), 4, [2.0], 32) == 2  # the demo machine: both CPUs, one worker each
+    assert widened_workers(config(), 4, [8.0, 8.0], 32) == 4  # what its 4 experts held together
+    assert widened_workers(config(cpus_per_worker=2), 4, [4.0, 16.0], 32) == 4
+    assert widened_workers(config(num_workers=2), 4, [2.0], 32) == 2  # 2 workers already take the 2 CPUs
+    assert widened_workers(config(num_workers=2), 4, [4.0, 4.0], 32) == 8
+    assert widened_workers(config(cpus_per_worker=0.5), 4, [1.0], 32) == 2
 
 
-def test_experts_gpu_trainers_and_small_clusters_keep_cpus_per_worker():
-    assert widened_cpus(config(), 1, [16.0]) == 1.0  # an expert
-    assert widened_cpus(config(use_gpu=True), 4, [16.0]) == 1.0  # bound by its GPU
-    assert widened_cpus(config(cpus_per_worker=0.5), 4, [1.0]) == 1.0
-    assert widened_cpus(config(cpus_per_worker=3), 4, [2.0]) == 3.0  # never below the setting
-    assert widened_cpus(config(), 4, []) == 1.0
+def test_only_as_many_workers_as_divide_the_batch():
+    assert widened_workers(config(), 3, [16.0], 32) == 2  # 3 would split 32 rows unevenly
+    assert widened_workers(config(), 4, [16.0], 6) == 3
+    assert widened_workers(config(), 4, [16.0], 7) == 1
 
 
-def test_scaling_config_reserves_the_widened_cpus():
-    scaling = scaling_config(config(), 2.0)
-    assert scaling.num_workers == 1 and scaling.resources_per_worker == {"CPU": 2.0}
+def test_experts_gpu_trainers_and_small_clusters_keep_num_workers():
+    assert widened_workers(config(), 1, [16.0], 32) == 1  # an expert
+    assert widened_workers(config(use_gpu=True), 4, [16.0], 32) == 1  # bound by its GPU
+    assert widened_workers(config(cpus_per_worker=3), 4, [2.0], 32) == 1  # never below the setting
+    assert widened_workers(config(num_workers=3), 4, [2.0], 32) == 3  # (32 rows do not split in 3: the worker says so)
+    assert widened_workers(config(), 4, [], 32) == 1
+
+
+def test_scaling_config_reserves_the_widened_workers():
+    scaling = scaling_config(config(), 2)
+    assert scaling.num_workers == 2 and scaling.resources_per_worker == {"CPU": 1.0}
     assert scaling_config(config(use_gpu=True)).resources_per_worker == {"CPU": 1.0, "GPU": 1}
+    assert scaling_config(config(num_workers=3)).num_workers == 3
 
 
 def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
@@ -43,3 +51,15 @@ def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
         stages = {s.name: s for s in plan.build_plan(build_config(data))}
         assert stages["universal"].replaces == universal
         assert stages["multitask_lora"].replaces == 3 and stages["expert/a"].replaces == 1
+
+
+def test_only_a_stage_every_other_waits_for_takes_the_free_cpus(tmp_path):
+    from actors.stage_tasks import resources
+    from loramix import plan
+
+    ctx = plan.Context.create(build_config({"output": str(tmp_path)}))
+    assert resources(ctx, plan.BaseStage("base"), 2.0) == {"num_cpus": 2.0, "num_gpus": 0}
+    assert resources(ctx, plan.BaseStage("base"), 0.5) == {"num_cpus": 1.0, "num_gpus": 0}  # at least one
+    assert resources(ctx, plan.RouterStage("router", ("base",)), 2.0) == {"num_cpus": 1, "num_gpus": 0}
+    gpu = plan.Context.create(build_config({"output": str(tmp_path), "resources": {"use_gpu": True}}))
+    assert resources(gpu, plan.BaseStage("base"), 8.0) == {"num_cpus": 1, "num_gpus": 1}

@@ -385,17 +385,19 @@ def test_add_replace_and_remove_experts_publish_versions(first_run, tmp_path):
 
 
 def test_the_multitask_baseline_trains_on_the_cpus_its_experts_held(first_run, tmp_path):
-    """The baseline replays two experts' steps alone: with one worker on this 2-CPU cluster it
-    reserves both CPUs and trains with two torch threads (the experts, one each)."""
+    """The baseline replays two experts' steps alone: with one worker per expert on this 2-CPU
+    cluster it trains as two data-parallel workers of one thread each (the experts' CPUs). The
+    demo base, which every stage waits for, pre-trains on both CPUs."""
     from actors.lora_trainer import fit_lora
     from loramix import stages
     from loramix.messages import BaseResult
 
     cfg, root, report, _ = first_run
+    assert read_json(root / "out" / "stages" / "base.json")["result"]["cpu_threads"] == 2
     assert {report["training"][f"expert/{d}"]["cpu_threads"] for d in ("reverse", "rotate")} == {1}
     one = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": 1})})
     base = BaseResult(**read_json(root / "out" / "stages" / "base.json")["result"])
     rows = stages.examples(one, stages.load_tokenizer(base), cfg.data.domains[0].train)
     spec = stages.LoraSpec("multitask_lora", one.expert, rows, [], None, str(tmp_path / "mt"), "all", replaces=2)
     result = fit_lora(spec, one, base, "multitask-wide")
-    assert result.cpu_threads == 2 and result.steps == one.expert.steps
+    assert result.num_workers == 2 and result.cpu_threads == 1 and result.steps == one.expert.steps
