@@ -73,7 +73,9 @@ def base_stage(cfg: LoramixConfig, out_dir: str | Path, progress: Progress = qui
         )
     base.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return BaseResult(str(out_dir), str(out_dir), time.perf_counter() - t0, built=True)
+    return BaseResult(
+        str(out_dir), str(out_dir), time.perf_counter() - t0, built=True, cpu_threads=torch.get_num_threads()
+    )
 
 
 def load_base(cfg: LoramixConfig, base: BaseResult):
