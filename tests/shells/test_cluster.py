@@ -1,5 +1,5 @@
-"""Two Ray nodes on this machine: the quickstart-shaped pipeline as a Ray job, spread over both;
-a stopped job resubmitted resumes instead of starting over."""
+"""Two Ray nodes on this machine: the quickstart pipeline as the README submits it, spread over
+both; a stopped job resubmitted resumes instead of starting over."""
 
 import json
 import sys
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = (
     "model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
     "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=4 expert.batch_size=8 "
-    "router.steps=4 router.batch_size=8 data.eval_limit=4 baselines=false"
+    "router.steps=4 router.batch_size=8 data.eval_limit=4"
 )
 
 
@@ -70,22 +70,6 @@ def write_config(tmp_path, tasks=("reverse", "rotate", "shift"), **over):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     return path
-
-
-def test_job_spreads_experts_over_both_nodes(two_nodes, tmp_path):
-    cluster, url = two_nodes
-    client, job = submit(url, write_config(tmp_path), tmp_path / "out", "spread")
-    status = wait(client, job)
-    assert str(status) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
-    report = read_json(tmp_path / "out" / "report.json")
-    nodes = {
-        n
-        for job_name, t in report["training"].items()
-        if job_name.startswith(("expert/", "multitask"))
-        for n in t["node_ids"]
-    }
-    assert len(nodes) == 2, report["training"]
-    assert "reverse" in client.get_job_logs(job)  # the report table reached the job's log
 
 
 def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
@@ -122,10 +106,11 @@ def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
         assert marker["resumed_from"] >= 4, (run, marker)
 
 
-def test_readme_cluster_command_with_relative_paths(two_nodes, tmp_path):
+def test_readme_cluster_command_spreads_experts_over_both_nodes(two_nodes, tmp_path):
     """`ray job submit --working-dir . -- loramix run configs/quickstart.yaml --output DIR`, as the
     README shows it: the config's relative demo paths are written in the job's working directory
-    (which only the driver's node has) and must still reach every task."""
+    (which only the driver's node has) and must still reach every task, and the four experts
+    train on both nodes."""
     cluster, url = two_nodes
     out = tmp_path / "out"
     client, job = submit(url, "configs/quickstart.yaml", out, "readme", working_dir=ROOT, extra=TINY)
@@ -133,5 +118,10 @@ def test_readme_cluster_command_with_relative_paths(two_nodes, tmp_path):
     assert str(status) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
     report = read_json(out / "report.json")
     assert set(report["methods"]["mixture"]["per_domain"]) == {"reverse", "rotate", "shift", "swap"}
+    nodes = {n for name, t in report["training"].items() if name.startswith("expert/") for n in t["node_ids"]}
+    assert len(nodes) == 2, report["training"]
+    multitask = report["training"]["multitask_lora"]  # the experts' two CPUs as two workers, one per node
+    assert multitask["num_workers"] == 2 and len(multitask["node_ids"]) == 2, multitask
+    assert "reverse" in client.get_job_logs(job)  # the report table reached the job's log
     used = yaml.safe_load((out / "config.yaml").read_text())["data"]["domains"][0]["train"]
     assert used.startswith(str(out / "inputs")) and Path(used).is_file()  # shipped to storage every node sees
