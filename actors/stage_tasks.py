@@ -19,9 +19,8 @@ import threading
 from contextlib import contextmanager
 
 import ray
-import torch
 
-from actors.lora_trainer import fit_lora, node_cpus
+from actors.lora_trainer import fit_lora
 from loramix import stages
 from loramix.plan import Context, LoraStage, Result, Stage
 
@@ -110,8 +109,6 @@ def interrupted_when_stopped(progress, name: str, poll_s: float = 1.0):
 
 @ray.remote
 def run_stage(stage: Stage, ctx: Context, digest: str, progress, *upstream: Result) -> Result:
-    if not ctx.cfg.resources.use_gpu:  # as many torch threads as CPUs reserved (a pooled worker keeps the last task's)
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     with stage_running(progress, stage.name):
         result = stage.run(ctx, dict(zip(stage.deps, upstream)), poster(progress))
         ctx.store.mark(stage.name, digest, result.to_json(), result.outputs())
@@ -129,22 +126,9 @@ def run_lora_stage(stage: LoraStage, ctx: Context, digest: str, progress, *upstr
     return result
 
 
-def resources(ctx: Context, stage: Stage, free: float) -> dict:
-    """A non-LoRA stage task: one CPU, and a GPU with ``resources.use_gpu``.
-
-    A stage every other one waits for (:attr:`~loramix.plan.Stage.alone`: the demo base's
-    pre-training) takes ``free`` CPUs instead (what one node has free now), as torch threads:
-    nothing else of the run could use them meanwhile (the demo's pre-training, measured on 2 CPUs:
-    150 steps in 16.9 s on one thread, 11.3 s on two).
-    """
-    gpu = ctx.cfg.resources.use_gpu
-    cpus = max(1.0, float(int(free))) if stage.alone and not gpu else 1
-    return {"num_cpus": cpus, "num_gpus": 1 if gpu else 0}
-
-
-def free_cpus() -> float:
-    """The CPUs one node can give a task now: the largest node's, or fewer if other work holds them."""
-    return min(max(node_cpus(), default=1.0), ray.available_resources().get("CPU", 1.0))
+def resources(ctx: Context) -> dict:
+    """A non-LoRA stage task: one CPU, and a GPU with ``resources.use_gpu``."""
+    return {"num_cpus": 1, "num_gpus": 1 if ctx.cfg.resources.use_gpu else 0}
 
 
 def launch(stage: Stage, ctx: Context, digest: str, progress, upstream: list) -> ray.ObjectRef:
@@ -153,6 +137,4 @@ def launch(stage: Stage, ctx: Context, digest: str, progress, upstream: list) ->
     ctx.store.invalidate(stage.name)
     if stage.kind == "lora":
         return run_lora_stage.remote(stage, ctx, digest, progress, *upstream)
-    return run_stage.options(**resources(ctx, stage, free_cpus() if stage.alone else 1.0)).remote(
-        stage, ctx, digest, progress, *upstream
-    )
+    return run_stage.options(**resources(ctx)).remote(stage, ctx, digest, progress, *upstream)

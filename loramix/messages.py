@@ -44,7 +44,6 @@ class BaseResult(Result):
     tokenizer: str
     seconds: float = 0.0
     built: bool = False  # the demo base this run wrote (vouched for by its marker)
-    cpu_threads: int = 0  # torch threads its pre-training ran on (0: not pre-trained here)
 
     def outputs(self) -> list[str]:
         return [self.base] if self.built else []

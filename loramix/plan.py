@@ -56,7 +56,6 @@ class Stage:
     deps: tuple[str, ...] = ()
     kind: ClassVar[str] = "task"  # "lora": one LoRA trainer (a Ray Train job under `loramix run`)
     result_type: ClassVar[type[Result]] = Result
-    alone: ClassVar[bool] = False  # every other stage waits for it: on Ray it may take a whole node's CPUs
 
     def key(self, ctx: Context) -> list:
         """Everything besides the upstream stages that determines this stage's output."""
@@ -72,7 +71,6 @@ class Stage:
 @dataclass(frozen=True)
 class BaseStage(Stage):
     result_type: ClassVar = BaseResult
-    alone: ClassVar = True  # the demo base pre-trains before anything else can start
 
     def key(self, ctx):
         cfg = ctx.cfg

@@ -73,9 +73,7 @@ def base_stage(cfg: LoramixConfig, out_dir: str | Path, progress: Progress = qui
         )
     base.eval().save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    return BaseResult(
-        str(out_dir), str(out_dir), time.perf_counter() - t0, built=True, cpu_threads=torch.get_num_threads()
-    )
+    return BaseResult(str(out_dir), str(out_dir), time.perf_counter() - t0, built=True)
 
 
 def load_base(cfg: LoramixConfig, base: BaseResult):
