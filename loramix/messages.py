@@ -72,7 +72,7 @@ class LoraResult(Result):
     loop_seconds_per_step: float | None = None  # the trainer's own loop time (`loramix bench --ray`)
     peak_rss_mib: float | None = None
     peak_gpu_mib: float | None = None
-    cpu_threads: int | None = None  # torch threads per worker (the multitask baseline may get several)
+    cpu_threads: int | None = None  # torch threads per worker (`resources.cpus_per_worker`)
 
 
 @dataclass(frozen=True)

@@ -51,15 +51,3 @@ def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
         stages = {s.name: s for s in plan.build_plan(build_config(data))}
         assert stages["universal"].replaces == universal
         assert stages["multitask_lora"].replaces == 3 and stages["expert/a"].replaces == 1
-
-
-def test_only_a_stage_every_other_waits_for_takes_the_free_cpus(tmp_path):
-    from actors.stage_tasks import resources
-    from loramix import plan
-
-    ctx = plan.Context.create(build_config({"output": str(tmp_path)}))
-    assert resources(ctx, plan.BaseStage("base"), 2.0) == {"num_cpus": 2.0, "num_gpus": 0}
-    assert resources(ctx, plan.BaseStage("base"), 0.5) == {"num_cpus": 1.0, "num_gpus": 0}  # at least one
-    assert resources(ctx, plan.RouterStage("router", ("base",)), 2.0) == {"num_cpus": 1, "num_gpus": 0}
-    gpu = plan.Context.create(build_config({"output": str(tmp_path), "resources": {"use_gpu": True}}))
-    assert resources(gpu, plan.BaseStage("base"), 8.0) == {"num_cpus": 1, "num_gpus": 1}

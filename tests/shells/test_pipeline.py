@@ -386,14 +386,12 @@ def test_add_replace_and_remove_experts_publish_versions(first_run, tmp_path):
 
 def test_the_multitask_baseline_trains_on_the_cpus_its_experts_held(first_run, tmp_path):
     """The baseline replays two experts' steps alone: with one worker per expert on this 2-CPU
-    cluster it trains as two data-parallel workers of one thread each (the experts' CPUs). The
-    demo base, which every stage waits for, pre-trains on both CPUs."""
+    cluster it trains as two data-parallel workers of one thread each (the experts' CPUs)."""
     from actors.lora_trainer import fit_lora
     from loramix import stages
     from loramix.messages import BaseResult
 
     cfg, root, report, _ = first_run
-    assert read_json(root / "out" / "stages" / "base.json")["result"]["cpu_threads"] == 2
     assert {report["training"][f"expert/{d}"]["cpu_threads"] for d in ("reverse", "rotate")} == {1}
     one = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"num_workers": 1})})
     base = BaseResult(**read_json(root / "out" / "stages" / "base.json")["result"])
