@@ -28,6 +28,7 @@ from loramix import data, loops
 from loramix.config import ExpertConfig
 from loramix.messages import WorkerConfig
 from loramix.trainees import build_trainee, save_trainee, trainable_parameters
+from loramix.validation import Validation
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class DeepSpeedStepper:
 
     def anneal(self, start: int, steps: int) -> None:
         loops.anneal(self.engine.lr_scheduler, start, steps)  # the LambdaLR handed to deepspeed.initialize
+
+    def rewarm(self, start: int, steps: int) -> None:
+        loops.rewarm(self.engine.lr_scheduler, start, steps)
 
 
 def shard_examples(shard) -> list[data.Example]:
@@ -202,7 +206,7 @@ def train_lora_worker(config: dict) -> None:
         rows = shard_examples(ray.train.get_dataset_shard("val"))  # every worker validates on all of them
         chunks = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
         val = list(on_device((data.collate(c, tokenizer.pad_token_id) for c in chunks), device))
-        validation = loops.Validation.of(validator(engine, val), cfg)
+        validation = Validation.of(validator(engine, val), cfg)
         validation.snapshot, validation.restore = gathered_snapshot(engine, model)
     start = 0
     if checkpoint is not None:

@@ -8,20 +8,17 @@ runs with a torch AdamW here and a DeepSpeed engine in ``actors/``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loramix.config import OptimConfig
+from loramix.validation import Validation, snapshot_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +31,7 @@ class Stepper(Protocol):
     def step(self) -> float: ...  # returns the gradient norm before clipping
     def lr(self) -> float: ...
     def anneal(self, start: int, steps: int) -> None: ...  # see :func:`anneal`
+    def rewarm(self, start: int, steps: int) -> None: ...  # see :func:`rewarm`
 
 
 def accelerator() -> torch.device:
@@ -73,8 +71,24 @@ def anneal(scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, steps: int)
     ``steps`` steps: the cooldown after early stopping (a warmup-stable-decay schedule's decay,
     started when the validation loss says so). A pure function of the step, so a run resumed in
     the middle of its cooldown calls it again with the same arguments and gets the same rates."""
+    _schedule(scheduler)
     start_factors = [f(start) for f in scheduler.lr_lambdas]
     scheduler.lr_lambdas = [lambda k, f0=f0: f0 * max(0.0, 1 - (k - start) / steps) for f0 in start_factors]
+
+
+def rewarm(scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, steps: int) -> None:
+    """From step ``start`` on, back to the schedule the optimiser began with (undoing :func:`anneal`),
+    reached linearly from 0 over ``steps`` steps: training goes on after a cooldown that ended with
+    its validation loss still falling (:meth:`Validation.cooled`). A pure function of the step, as
+    :func:`anneal` (a resumed run replays the last re-warmup, then its cooldown if one is running)."""
+    scheduler.lr_lambdas = [lambda k, f=f: f(k) * min(1.0, (k - start) / steps) for f in _schedule(scheduler)]
+
+
+def _schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list:
+    """The multipliers the scheduler was built with, kept on it the first time a cooldown replaces them."""
+    if not hasattr(scheduler, "loramix_schedule"):
+        scheduler.loramix_schedule = list(scheduler.lr_lambdas)
+    return scheduler.loramix_schedule
 
 
 def adamw(params: list[nn.Parameter], cfg: OptimConfig):
@@ -109,131 +123,8 @@ class TorchStepper:
     def anneal(self, start: int, steps: int) -> None:
         anneal(self.scheduler, start, steps)
 
-
-DIVERGED = 1.5  # a validation loss this far above the first one is divergence, not a noisy plateau
-LEARNED_LOSS = 0.1  # nats per completion token (~90% on the right token): a loss this low has nothing to take off from
-
-
-def took_off(history, takeoff: float) -> bool:
-    """Validation losses ``[(step, loss), ...]`` fell below ``takeoff`` x the first one (or under
-    :data:`LEARNED_LOSS`, for an expert that learned before its first validation)."""
-    best = min(loss for _, loss in history)
-    return best <= takeoff * history[0][1] or best <= LEARNED_LOSS
-
-
-@dataclass
-class Validation:
-    """Stop on the validation loss: ``steps`` becomes a maximum (as HF's EarlyStoppingCallback).
-
-    Every ``every`` steps ``validate()`` gives the loss of held-out rows; a value below the last
-    improvement's by more than ``min_rel_delta`` of it and by more than ``min_delta`` nats (so a
-    loss already near zero does not keep "improving" by noise) is an improvement. After
-    ``patience`` evaluations without one, training stops (0: never), or with ``cooldown`` steps it
-    first goes back to the best weights and anneals the learning rate to 0 over that many steps
-    (:func:`run_steps`): measured on experts stopped at 350-650 steps, this took held-out `mask`
-    from 0.925 to 0.99 exact match and the demo's `swap` from 0.835 to 0.97, where stopping left
-    the weights of a learning rate still near its peak. The weights of the lowest validation loss
-    are kept (as HF's ``load_best_model_at_end``): ``snapshot()`` copies them, ``restore(copy)``
-    puts them back (a DeepSpeed shell passes gather-aware ones).
-    """
-
-    validate: Callable[[], float]
-    every: int = 50
-    patience: int = 3
-    takeoff: float = 0.5
-    min_rel_delta: float = 0.01
-    min_delta: float = 1e-3
-    cooldown: int = 0
-    snapshot: Callable[[], object] | None = None
-    restore: Callable[[object], None] | None = None
-    history: list[tuple[int, float]] = field(default_factory=list)
-    best: tuple[int, float] | None = None  # the lowest validation loss: its weights are kept
-    cooling: int | None = None  # the step the cooldown began
-    _mark: float | None = None  # the loss of the last improvement (patience counts from it)
-    _bad: int = 0
-    _best_state: object = None
-
-    @classmethod
-    def of(cls, validate: Callable[[], float], cfg) -> Validation:
-        """The early stopping a LoRA section (:class:`~loramix.config.LoraConfigBase`) asks for."""
-        return cls(validate, every=cfg.eval_every, patience=cfg.patience, takeoff=cfg.takeoff, cooldown=cfg.cooldown)
-
-    def due(self, step: int, last: bool) -> bool:
-        return step % self.every == 0 or last
-
-    def update(self, step: int) -> bool:
-        """Evaluate at ``step``; True when training should stop."""
-        loss = float(self.validate())
-        self.history.append((step, loss))
-        if self.best is None or loss < self.best[1]:
-            self.best = (step, loss)
-            if self.snapshot is not None:
-                self._best_state = self.snapshot()
-        if self._mark is None or loss < self._mark - max(self._mark * self.min_rel_delta, self.min_delta):
-            self._mark, self._bad = loss, 0
-            return False
-        self._bad += 1
-        if self.cooling is not None:
-            return False  # the cooldown runs its course
-        diverging = loss > DIVERGED * self.history[0][1]
-        return self.patience > 0 and (took_off(self.history, self.takeoff) or diverging) and self._bad >= self.patience
-
-    def finish(self, last_step: int) -> None:
-        """Put the best evaluation's weights back (if a later step is worse)."""
-        if self.best is not None and self.best[0] != last_step and self._best_state is not None:
-            self.restore(self._best_state)
-
-    def save(self, directory: Path) -> None:
-        """Write the state a resumed run needs (history, best, the best weights) to ``directory``."""
-
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            "history": self.history,
-            "best": self.best,
-            "mark": self._mark,
-            "bad": self._bad,
-            "cooling": self.cooling,
-        }
-        (directory / "validation.json").write_text(json.dumps(state))
-        if self._best_state is not None:
-            save_file(
-                {str(i): t.contiguous() for i, t in enumerate(self._best_state)}, str(directory / "best.safetensors")
-            )
-
-    def load(self, directory: Path) -> None:
-        """Take back what :meth:`save` wrote (nothing if the checkpoint has no validation state)."""
-
-        if not (directory / "validation.json").is_file():
-            return
-        state = json.loads((directory / "validation.json").read_text())
-        self.history = [tuple(h) for h in state["history"]]
-        self.best = tuple(state["best"]) if state["best"] else None
-        self._bad = state["bad"]
-        self._mark = state.get("mark", self.best[1] if self.best else None)
-        self.cooling = state.get("cooling")
-        if (directory / "best.safetensors").is_file():
-            tensors = load_file(str(directory / "best.safetensors"))
-            self._best_state = [tensors[str(i)] for i in range(len(tensors))]
-
-    @property
-    def still_improving(self) -> bool:
-        """The last evaluation was an improvement: more steps would likely have helped."""
-        return bool(self.history) and self._bad == 0
-
-
-def snapshot_trainable(model: nn.Module):
-    """``snapshot`` / ``restore`` pair over a module's trainable parameters (plain torch)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def snapshot():
-        return [p.detach().clone() for p in params]
-
-    def restore(saved):
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-
-    return snapshot, restore
+    def rewarm(self, start: int, steps: int) -> None:
+        rewarm(self.scheduler, start, steps)
 
 
 def run_steps(
@@ -255,12 +146,14 @@ def run_steps(
         max_steps: the last step (the schedule's length); with ``validation`` training may stop earlier.
         validation: early stopping on held-out rows; its steps also report ``val_loss``. With
             ``validation.cooldown``, stopping restores the best weights and anneals the learning
-            rate to 0 over that many more steps (never past ``max_steps``) before it ends.
+            rate to 0 over that many more steps (never past ``max_steps``) before it ends, unless
+            the loss was still falling at its end (:meth:`Validation.cooled`): then training goes on.
 
     Returns:
         ``{"steps", "final_loss", "losses", "seconds"}`` (``final_loss``: mean of the last 10 steps),
         plus with ``validation``: ``stopped`` (``early`` or ``max_steps``), ``best_step``,
-        ``cooldown_from`` (the step early stopping began the cooldown, or None),
+        ``cooldown_from`` (the step early stopping began the cooldown, or None), ``rewarmed_at`` (the
+        steps training went on after a cooldown still falling),
         ``val_losses`` ``[[step, loss], ...]`` and ``still_improving``.
     """
     model.train()
@@ -269,9 +162,13 @@ def run_steps(
     started = time.perf_counter()
     step, stopped = start_step, "max_steps"
     cool_until = None  # the last step of a cooldown (never past max_steps)
+    if validation is not None and validation.rewarmed:  # resumed after training went on past a cooldown
+        stepper.rewarm(validation.rewarmed[-1], validation.cooldown)
     if validation is not None and validation.cooling is not None:  # resumed in the middle of a cooldown
         stepper.anneal(validation.cooling, validation.cooldown)
         cool_until, stopped = min(validation.cooling + validation.cooldown, max_steps or math.inf), "early"
+        if start_step >= cool_until:  # checkpointed at the cooldown's last step: training had ended
+            batches = ()
     for step, batch in enumerate(batches, start=start_step + 1):
         t0 = time.perf_counter()
         batch = to_device(batch, device)
@@ -295,13 +192,7 @@ def run_steps(
                 stop = validation.update(step)
             model.train()
             metrics |= {"val_loss": validation.history[-1][1], "best_val_loss": validation.best[1]}
-        if step % log_every == 0 or step == start_step + 1:
-            logger.info(
-                "step %d | loss %.4f | lr %.2e | %.0f tok/s", step, losses[-1], metrics["lr"], metrics["tokens_per_s"]
-            )
-        report(metrics, None)
-        if on_step is not None:
-            on_step(step)
+        # Decided before on_step, so a checkpoint written there resumes on the same path.
         if stop:
             stopped = "early"
             if validation.cooldown and step != max_steps:
@@ -317,6 +208,17 @@ def run_steps(
                 best_step,
                 then,
             )
+        elif step == cool_until and step != max_steps and validation.cooled(step):
+            stepper.rewarm(step, validation.cooldown)
+            cool_until, stopped = None, "max_steps"
+            logger.info("step %d: the validation loss was still falling when the cooldown ended; training on", step)
+        if step % log_every == 0 or step == start_step + 1:
+            logger.info(
+                "step %d | loss %.4f | lr %.2e | %.0f tok/s", step, losses[-1], metrics["lr"], metrics["tokens_per_s"]
+            )
+        report(metrics, None)
+        if on_step is not None:
+            on_step(step)
         if step == cool_until or (stop and cool_until is None):
             break
     model.eval()
@@ -333,6 +235,7 @@ def run_steps(
             "stopped": stopped,
             "best_step": validation.best[0] if validation.best else None,
             "cooldown_from": validation.cooling,
+            "rewarmed_at": list(validation.rewarmed),
             "val_losses": [list(h) for h in validation.history],
             "still_improving": validation.still_improving,
         }

@@ -62,6 +62,7 @@ class LoraResult(Result):
     stopped: str = "max_steps"  # or "early"
     best_step: int | None = None
     cooldown_from: int | None = None  # the step early stopping began the learning-rate cooldown
+    rewarmed_at: list[int] = field(default_factory=list)  # training went on after a cooldown still falling
     val_losses: list[list[float]] = field(default_factory=list)
     still_improving: bool = False
     zero_stage: int | None = None

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from loramix.artifact import write_json
 from loramix.config import LoramixConfig, config_hash, dump_config
-from loramix.loops import took_off
 from loramix.plan import METHODS, EvalResult, LoraResult, Result, RouterResult
 from loramix.serve_config import SERVE_JSON, saved_settings
+from loramix.validation import took_off
 from loramix.versions import POINTER, path_of, publish
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ TRAINING_KEYS = (
     "stopped",
     "best_step",
     "cooldown_from",
+    "rewarmed_at",
     "final_loss",
     "seconds",
     "trainable_params",

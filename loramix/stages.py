@@ -27,6 +27,7 @@ from loramix.merge_baselines import merge_adapters
 from loramix.messages import BaseResult, Context, EvalResult, LoraResult, Progress, RouterResult, quiet
 from loramix.model import MixtureModel
 from loramix.trainees import save_trainee
+from loramix.validation import Validation
 
 if TYPE_CHECKING:  # the graph imports this module to run its stages
     from loramix.plan import LoraStage
@@ -169,7 +170,7 @@ def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
 
 
 def val_loss_fn(model, val: list[data.Example], batch_size: int, pad_id: int):
-    """The mean completion loss of ``model`` on ``val`` (token-weighted), for :class:`loops.Validation`."""
+    """The mean completion loss of ``model`` on ``val`` (token-weighted), for early stopping."""
 
     def validate() -> float:
         device = loops.device_of(model)
@@ -192,7 +193,7 @@ def train_lora(spec: LoraSpec, cfg: LoramixConfig, base, tokenizer, progress: Pr
     def validation(model):
         if not spec.val or not o.patience:
             return None
-        return loops.Validation.of(val_loss_fn(model, spec.val, o.batch_size, pad), o)
+        return Validation.of(val_loss_fn(model, spec.val, o.batch_size, pad), o)
 
     it = data.batches(spec.train, o.batch_size, pad, seed=cfg.seed, steps=o.steps)
     model, summary = loops.train_expert(
@@ -222,6 +223,7 @@ def lora_result(spec: LoraSpec, summary: dict, trainable: int, seconds: float, *
         stopped=summary.get("stopped", "max_steps"),
         best_step=summary.get("best_step"),
         cooldown_from=summary.get("cooldown_from"),
+        rewarmed_at=summary.get("rewarmed_at", []),
         val_losses=summary.get("val_losses", []),
         still_improving=summary.get("still_improving", False),
         **extra,

@@ -83,7 +83,7 @@ def test_early_stopping_waits_for_the_loss_to_take_off():
     """Patience counts only once the validation loss fell below `takeoff` x its first value: a loss
     flat from the start (measured on an expert whose answers need tokens the base never produced)
     is trained through; after the take-off a plateau ends training as before."""
-    from loramix.loops import Validation
+    from loramix.validation import Validation
 
     curve = [3.0, 2.99, 2.99, 2.99, 2.99, 2.0, 1.2, 0.5, 0.5, 0.5, 0.5]
 
@@ -107,7 +107,7 @@ class ScriptedValidation:
     """A toy model, its batches and a scripted validation curve for :func:`run_steps`."""
 
     def __init__(self, curve, *, steps=20, cooldown=5, lr=0.1):
-        from loramix.loops import Validation, snapshot_trainable
+        from loramix.validation import Validation, snapshot_trainable
 
         torch.manual_seed(0)
         self.model = torch.nn.Linear(2, 1)
@@ -187,6 +187,67 @@ def test_a_run_resumed_inside_its_cooldown_gets_the_same_learning_rates(tmp_path
     out = again.run(14, start=6)
     assert out["steps"] == 9 and out["cooldown_from"] == 4 and out["stopped"] == "early"
     assert [m["lr"] for m in again.metrics] == pytest.approx([m["lr"] for m in whole.metrics[6:]])
+
+
+# As CURVE to the stop at step 4, but the cooldown (steps 5-9) ends still falling (0.3 -> 0.25) and
+# above LEARNED_LOSS: training goes on; patience counts afresh from step 10 and runs out at step 12;
+# the second cooldown (13-17) ends flat.
+FALLING = [1.0, 0.5, 0.6, 0.7, 0.45, 0.4, 0.35, 0.3, 0.25, 0.3, 0.31, 0.32, 0.28, 0.27, 0.26, 0.26, 0.26]
+
+
+def test_a_cooldown_that_ends_still_falling_trains_on():
+    """The stop at step 4 was on a bump: its cooldown's loss fell 17% in its last step. The learning
+    rate comes back to the schedule (over `cooldown` = 5 steps), patience counts afresh, and the next
+    stop cools down and ends; the lowest loss's weights (step 9) are kept."""
+    run = ScriptedValidation(FALLING, steps=30)
+    out = run.run(30, max_steps=30)
+    assert out["rewarmed_at"] == [9] and out["cooldown_from"] == 12 and out["steps"] == 17
+    assert out["stopped"] == "early" and out["best_step"] == 9
+    lr = {m["step"]: m["lr"] for m in run.metrics}
+    schedule = warmup_cosine(ExpertConfig(steps=30, warmup_ratio=0.0))
+    assert lr[9] == 0.0  # the cooldown's end; back over `cooldown` = 5 steps to the schedule
+    assert [lr[s] for s in (10, 11, 12)] == pytest.approx([0.1 * schedule(s) * (s - 9) / 5 for s in (10, 11, 12)])
+    assert [lr[s] / lr[12] for s in range(13, 18)] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
+    torch.testing.assert_close(run.weights(), run.after[9])
+
+
+def test_a_cooldown_ends_training_when_its_loss_is_learned_or_flat():
+    """Still falling but under LEARNED_LOSS (nothing left to learn), or flat: training ends there."""
+    learned = ScriptedValidation([x * 0.1 for x in FALLING])
+    assert learned.run(30, max_steps=30)["steps"] == 9
+    flat = ScriptedValidation(FALLING[:8] + [0.29])  # 0.3 -> 0.29: -3%
+    out = flat.run(30, max_steps=30)
+    assert out["steps"] == 9 and out["rewarmed_at"] == [] and out["best_step"] == 9
+
+
+def test_a_run_resumed_after_training_went_on_gets_the_same_learning_rates(tmp_path):
+    """Checkpointed at step 11 (after the re-warmup at 9): the relaunch replays the re-warmup and
+    then the second cooldown at the uninterrupted run's rates."""
+    whole = ScriptedValidation(FALLING, steps=30)
+    whole.run(30, max_steps=30)
+    first = ScriptedValidation(FALLING, steps=30)
+    first.run(11, max_steps=30)
+    first.check.save(tmp_path)
+    again = ScriptedValidation(FALLING[11:], steps=30)
+    again.check.load(tmp_path)
+    again.model.load_state_dict(first.model.state_dict())
+    again.stepper.optimizer.load_state_dict(first.stepper.optimizer.state_dict())
+    again.stepper.scheduler.load_state_dict(first.stepper.scheduler.state_dict())
+    out = again.run(19, start=11, max_steps=30)
+    assert out["steps"] == 17 and out["rewarmed_at"] == [9] and out["cooldown_from"] == 12
+    assert [m["lr"] for m in again.metrics] == pytest.approx([m["lr"] for m in whole.metrics[11:]])
+
+
+def test_a_run_checkpointed_at_its_cooldowns_last_step_stays_finished(tmp_path):
+    """The stop is decided before the step's checkpoint: one written at the last step of a cooldown
+    that ended training resumes to nothing more (not to a learning rate of 0 until `max_steps`)."""
+    first = ScriptedValidation(FALLING[:8] + [0.29], steps=30)
+    first.run(30, max_steps=30)
+    first.check.save(tmp_path)
+    again = ScriptedValidation([], steps=30)
+    again.check.load(tmp_path)
+    out = again.run(21, start=9, max_steps=30)
+    assert out["steps"] == 9 and again.metrics == [] and out["stopped"] == "early"
 
 
 def test_the_best_weights_are_the_lowest_loss_while_patience_counts_real_improvements():
