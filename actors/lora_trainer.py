@@ -40,8 +40,9 @@ def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch
     res = cfg.resources
     if replaces <= 1 or res.use_gpu or not nodes:
         return res.num_workers
-    held = min(replaces * res.num_workers * res.cpus_per_worker, sum(nodes))
-    factor = max(1, int(held // (res.num_workers * res.cpus_per_worker)))
+    one_trainer = res.num_workers * res.cpus_per_worker  # the CPUs of one trainer
+    held = min(replaces * one_trainer, sum(nodes))
+    factor = max(1, int(held // one_trainer))
     while factor > 1 and batch_size % (res.num_workers * factor):
         factor -= 1
     return res.num_workers * factor

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -84,11 +85,13 @@ def rewarm(scheduler: torch.optim.lr_scheduler.LambdaLR, start: int, steps: int)
     scheduler.lr_lambdas = [lambda k, f=f: f(k) * min(1.0, (k - start) / steps) for f in _schedule(scheduler)]
 
 
+_SCHEDULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list:
-    """The multipliers the scheduler was built with, kept on it the first time a cooldown replaces them."""
-    if not hasattr(scheduler, "loramix_schedule"):
-        scheduler.loramix_schedule = list(scheduler.lr_lambdas)
-    return scheduler.loramix_schedule
+    """The multipliers the scheduler was built with, kept the first time a cooldown replaces them
+    (beside it, not on it: its ``state_dict`` pickles its attributes, and they are local functions)."""
+    return _SCHEDULES.setdefault(scheduler, list(scheduler.lr_lambdas))
 
 
 def adamw(params: list[nn.Parameter], cfg: OptimConfig):
