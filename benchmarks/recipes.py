@@ -1,9 +1,11 @@
 """The shipped recipe configs side by side, on the demo world or on a held-out one:
-``python -m benchmarks.recipes [--world demo|heldout] [--configs quickstart mole ...] [--output DIR]``.
+``python -m benchmarks.recipes [--world demo|heldout|fresh] [--configs quickstart mole ...] [--output DIR]``.
 
 ``heldout`` is a world none of the configs were tuned on: four other cue-marked, conflicting
 transformations whose cue words are spelled out in characters (not single tokens), one answering
-in characters the base never produced (upper case) and two with answers twice as long. Each
+in characters the base never produced (upper case) and two with answers twice as long. ``fresh``
+is another, made after every setting was fixed (early stopping's re-warmup included): answers
+in digits, with a separator, reordered pairs and a descending sort. Each
 config runs as ``loramix run`` runs it (on Ray), with only its domains replaced. Writes
 ``DIR/recipes.json`` and prints a markdown table.
 """
@@ -32,12 +34,22 @@ HELDOUT = {
 }
 
 
-def write_heldout(root: Path, train: int = 4000, evals: int = 200) -> list[dict]:
+FRESH = {
+    "digits": lambda s: "".join(str((ord(c) - ord("a")) % 10) for c in s),  # characters the base never produced
+    "echo": lambda s: f"{s}-{s}",  # twice as long, with a separator
+    "pairs": lambda s: "".join(s[i : i + 2][::-1] for i in range(0, len(s), 2)),
+    "descend": lambda s: "".join(sorted(s, reverse=True)),
+}
+WORLDS = {"heldout": HELDOUT, "fresh": FRESH}
+
+
+def write_world(world: str, root: Path, train: int = 4000, evals: int = 200) -> list[dict]:
+    """Write a non-demo world's train/eval files under ``root``; returns its ``data.domains``."""
     domains = []
-    for task, fn in HELDOUT.items():
+    for task, fn in WORLDS[world].items():
         rows = {}
         for split, n, seed in (("train", train, 0), ("eval", evals, 1)):
-            rng = random.Random(f"heldout-{task}-{seed}")
+            rng = random.Random(f"{world}-{task}-{seed}")
             words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 7))) for _ in range(n)]
             rows[split] = write_jsonl(
                 [{"prompt": f"{task} {w}=", "completion": fn(w)} for w in words], root / f"{task}.{split}.jsonl"
@@ -73,7 +85,7 @@ def summarize(report: dict, seconds: float) -> dict:
 def run(configs, world: str, output: Path, overrides=()) -> dict:
 
     results = {}
-    domains = write_heldout(output / "data") if world == "heldout" else None
+    domains = write_world(world, output / "data") if world in WORLDS else None
     for name in configs:
         over = list(overrides) + ([f"data.domains={json.dumps(domains)}"] if domains else [])
         cfg = load_config(ROOT / "configs" / f"{name}.yaml", over)
@@ -108,7 +120,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", choices=["demo", "heldout"], default="demo")
+    parser.add_argument("--world", choices=["demo", *WORLDS], default="demo")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--output", default="out/recipes")
     parser.add_argument("overrides", nargs="*", help="key.path=value for every config, e.g. router.top_k=1")
