@@ -17,7 +17,7 @@ LEARNED_LOSS = 0.1  # nats per completion token (~90% on the right token): a los
 # A cooldown whose last validation is this much below the one before it, and still above LEARNED_LOSS,
 # ended with the loss falling: the stop came early. Measured: held-out `mirror`, stopped at step 350
 # on a bump (0.41 -> 0.43 -> 0.44), cooled down to 0.18 -> 0.15 (-17%) and scored 0.485 exact match;
-# no cooldown of the 30 experts of the recorded held-out/demo runs ended above LEARNED_LOSS.
+# of the 29 other cooldowns in 8 recorded held-out/demo runs, none ended so.
 STILL_FALLING = 0.1
 
 
@@ -93,11 +93,12 @@ class Validation:
 
     def cooled(self, step: int) -> bool:
         """The cooldown ended at ``step``: True (training goes on; patience counts afresh) when its
-        last validation loss was still falling (below :data:`STILL_FALLING` of the previous one) and
-        above :data:`LEARNED_LOSS`."""
-        if len(self.history) < 2:
+        last validation loss was still falling (more than :data:`STILL_FALLING` below the cooldown's
+        previous one) and above :data:`LEARNED_LOSS`."""
+        inside = [loss for s, loss in self.history if s > self.cooling]
+        if len(inside) < 2:  # one validation in the cooldown: nothing to say whether it still falls
             return False
-        before, last = self.history[-2][1], self.history[-1][1]
+        before, last = inside[-2:]
         if not LEARNED_LOSS < last < (1 - STILL_FALLING) * before:
             return False
         self.rewarmed.append(step)

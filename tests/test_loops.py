@@ -213,12 +213,16 @@ def test_a_cooldown_that_ends_still_falling_trains_on():
 
 
 def test_a_cooldown_ends_training_when_its_loss_is_learned_or_flat():
-    """Still falling but under LEARNED_LOSS (nothing left to learn), or flat: training ends there."""
+    """Still falling but under LEARNED_LOSS (nothing left to learn), flat, or a cooldown with one
+    validation (nothing in it to compare with; the stop's own is at the peak learning rate): training ends."""
     learned = ScriptedValidation([x * 0.1 for x in FALLING])
     assert learned.run(30, max_steps=30)["steps"] == 9
     flat = ScriptedValidation(FALLING[:8] + [0.29])  # 0.3 -> 0.29: -3%
     out = flat.run(30, max_steps=30)
     assert out["steps"] == 9 and out["rewarmed_at"] == [] and out["best_step"] == 9
+    short = ScriptedValidation(FALLING, steps=30, cooldown=1)  # its one validation, 0.45, against the stop's 0.7
+    out = short.run(30, max_steps=30)
+    assert out["steps"] == 5 and out["rewarmed_at"] == []
 
 
 def test_a_run_resumed_after_training_went_on_gets_the_same_learning_rates(tmp_path):
