@@ -106,12 +106,13 @@ def test_killed_worker_is_retried_and_resumes_from_checkpoint(world):
 def test_early_stopping_on_ray_keeps_the_best_weights(world):
     """`expert.steps` is a maximum: with patience 1 and a learning rate that makes the loss blow
     up, the first validation that is worse ends training after a 10-step cooldown (the DeepSpeed
-    engine's schedule annealed), and the adapter written holds the lowest validation loss's weights."""
+    engine's schedule annealed), and the adapter written holds the lowest validation loss's weights.
+    Checkpoints every 5 steps: DeepSpeed pickles the annealed scheduler's state with them."""
     cfg, root, base = world
     from peft import PeftModel
 
     over = {"steps": 60, "eval_every": 5, "patience": 1, "takeoff": 1.0, "lr": 0.5, "cooldown": 10}  # patience alone
-    summary, _ = fit(cfg, root, base, "early", expert=over)
+    summary, _ = fit(cfg, root, base, "early", expert=over, checkpoint_every=5)
     assert summary.stopped == "early" and summary.cooldown_from is not None
     assert summary.steps == min(summary.cooldown_from + 10, 60) < 60
     val = {int(s): v for s, v in summary.val_losses}
