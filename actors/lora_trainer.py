@@ -23,25 +23,27 @@ from loramix.messages import WorkerConfig
 from loramix.plan import BaseResult, LoraResult
 
 
-def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch_size: int) -> int:
+def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch_size: int, beside: int = 0) -> int:
     """Data-parallel workers for a CPU trainer that trains while ``replaces`` trainers wait or are done.
 
     The multitask baseline trains the steps of every expert together, after they finished, and a
     MoDULA-Res universal LoRA trains before any expert can start: with ``resources.num_workers``
     each would use one worker's CPUs of a machine the experts keep busy. It takes the CPUs those
-    trainers held together (capped by the cluster's CPUs, ``nodes``: each alive node's) as more
-    workers of ``resources.cpus_per_worker`` each, every one on its share of the same global batch,
-    rather than more torch threads in one worker: a LoRA step's matrices are too small to spread
-    over threads (measured on the demo: one worker with two threads ran at one thread's speed;
-    two workers on half the batch each, 1.15-1.17x: the step is mostly dispatch, not FLOPs). Only
-    as many as divide ``batch_size``; GPU trainers are bound by their GPU and keep
+    trainers held together (capped by the cluster's CPUs, ``nodes``: each alive node's, less one
+    for each of the ``beside`` stage tasks that run meanwhile: waiting for the router's CPU cost the
+    baseline more than a second worker gained) as more workers of ``resources.cpus_per_worker``
+    each, every one on its share of the same global batch, rather than more torch threads in one
+    worker: a LoRA step's matrices are too small to spread over threads (measured on the demo: one
+    worker with two threads ran at one thread's speed; two workers on half the batch each,
+    1.15-1.17x: the step is mostly dispatch, not FLOPs). Only as many as divide ``batch_size``;
+    GPU trainers are bound by their GPU and keep
     ``resources.num_workers``.
     """
     res = cfg.resources
     if replaces <= 1 or res.use_gpu or not nodes:
         return res.num_workers
     one_trainer = res.num_workers * res.cpus_per_worker  # the CPUs of one trainer
-    held = min(replaces * one_trainer, sum(nodes))
+    held = min(replaces * one_trainer, sum(nodes) - beside)
     factor = max(1, int(held // one_trainer))
     while factor > 1 and batch_size % (res.num_workers * factor):
         factor -= 1
@@ -97,7 +99,7 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         revision=cfg.model.revision,
         progress=progress,
     )
-    workers = widened_workers(cfg, spec.replaces, node_cpus(), spec.optim.batch_size)
+    workers = widened_workers(cfg, spec.replaces, node_cpus(), spec.optim.batch_size, spec.beside)
     datasets = {"train": ray.data.from_items(_rows(spec.train))}
     if worker.validate:
         datasets["val"] = ray.data.from_items(_rows(spec.val))

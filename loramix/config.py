@@ -146,10 +146,8 @@ class LoraConfigBase(OptimConfig):
     """Patience counts only once the validation loss fell below this fraction of its first value (or
     rose to 1.5x it): a loss flat from the start is a plateau to train through (1: patience alone)."""
     cooldown: int = Field(100, ge=0)
-    """Once patience runs out: back to the best weights, then this many more steps with the learning
-    rate falling linearly to 0 (never past `steps`; 0: stop at once). A cooldown that ends with the
-    loss still falling (>10% in its last validation, above 0.1 nats) re-warms over as many steps and
-    training goes on."""
+    """Once patience runs out: back to the best weights, then this many more steps with the learning rate
+    falling linearly to 0 (never past `steps`; 0: stop at once); one ending still falling re-warms (README)."""
 
 
 class ExpertConfig(LoraConfigBase):

@@ -90,7 +90,8 @@ class LoraStage(Stage):
     names the stage whose adapter a MoDULA-Res expert reads; ``budget_from`` (multitask) sets
     its steps to what those stages used together, with no early stopping. ``replaces``: how many
     trainers' CPUs it may take because nothing else trains meanwhile (the multitask baseline
-    after its experts, a MoDULA-Res universal before them); it never enters the key.
+    after its experts, a MoDULA-Res universal before them), less the CPUs of the ``beside`` stage
+    tasks that run while it trains (the router, beside the multitask baseline); neither enters the key.
     """
 
     sources: tuple[tuple[str, str], ...] = ()
@@ -101,6 +102,7 @@ class LoraStage(Stage):
     share: float = 0.0  # of the rows drawn from the sources after the first (:func:`stages.source_rows`)
     data_label: str = ""
     replaces: int = 1
+    beside: int = 0
     kind: ClassVar[str] = "lora"
     result_type: ClassVar = LoraResult
 
@@ -239,6 +241,7 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
                 budget_from=tuple(experts),
                 data_label="the union of the domains",
                 replaces=trained,
+                beside=1,  # the router trains meanwhile, on one CPU
             )
         )
     loras = (*universal_deps, *experts)

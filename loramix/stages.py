@@ -122,7 +122,8 @@ class LoraSpec:
     trunk: str | None  # MoDULA-Res: the universal adapter under the expert
     out_dir: str
     data: str
-    replaces: int = 1  # trainers whose CPUs it may take (:attr:`loramix.plan.LoraStage.replaces`)
+    replaces: int = 1  # trainers whose CPUs it may take, less ``beside`` (:class:`loramix.plan.LoraStage`)
+    beside: int = 0
 
 
 def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -164,9 +165,8 @@ def lora_spec(ctx: Context, stage: LoraStage, inputs: dict) -> LoraSpec:
         val = []  # a fixed budget, not early stopping
     # A global shuffle, once: domains one after another made the multitask LoRA oscillate.
     random.Random(cfg.seed).shuffle(train)
-    trunk = inputs[stage.trunk].path if stage.trunk else None
-    out_dir = str(ctx.out / stage.out_dir)
-    return LoraSpec(stage.name, optim, train, val, trunk, out_dir, stage.data_label, stage.replaces)
+    trunk, out = inputs[stage.trunk].path if stage.trunk else None, str(ctx.out / stage.out_dir)
+    return LoraSpec(stage.name, optim, train, val, trunk, out, stage.data_label, stage.replaces, stage.beside)
 
 
 def val_loss_fn(model, val: list[data.Example], batch_size: int, pad_id: int):

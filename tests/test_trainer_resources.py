@@ -17,6 +17,14 @@ def test_a_trainer_that_replaces_experts_takes_their_cpus_as_more_workers():
     assert widened_workers(config(cpus_per_worker=0.5), 4, [1.0], 32) == 2
 
 
+def test_the_cpus_of_stage_tasks_beside_it_are_not_taken():
+    """The router trains beside the multitask baseline on one CPU: the baseline does not wait for it."""
+    assert widened_workers(config(), 4, [2.0], 32, beside=1) == 1  # the demo machine: one worker, starts at once
+    assert widened_workers(config(), 4, [1.0, 1.0], 32, beside=1) == 1
+    assert widened_workers(config(), 4, [8.0], 32, beside=1) == 4
+    assert widened_workers(config(), 8, [8.0], 32, beside=1) == 4  # 7 CPUs left: 4 divide the batch
+
+
 def test_only_as_many_workers_as_divide_the_batch():
     assert widened_workers(config(), 3, [16.0], 32) == 2  # 3 would split 32 rows unevenly
     assert widened_workers(config(), 4, [16.0], 6) == 3
@@ -51,3 +59,4 @@ def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
         stages = {s.name: s for s in plan.build_plan(build_config(data))}
         assert stages["universal"].replaces == universal
         assert stages["multitask_lora"].replaces == 3 and stages["expert/a"].replaces == 1
+        assert stages["multitask_lora"].beside == 1 and stages["universal"].beside == 0  # the router

@@ -120,8 +120,8 @@ def test_readme_cluster_command_spreads_experts_over_both_nodes(two_nodes, tmp_p
     assert set(report["methods"]["mixture"]["per_domain"]) == {"reverse", "rotate", "shift", "swap"}
     nodes = {n for name, t in report["training"].items() if name.startswith("expert/") for n in t["node_ids"]}
     assert len(nodes) == 2, report["training"]
-    multitask = report["training"]["multitask_lora"]  # the experts' two CPUs as two workers, one per node
-    assert multitask["num_workers"] == 2 and len(multitask["node_ids"]) == 2, multitask
+    multitask = report["training"]["multitask_lora"]  # one worker: the router trains on the other CPU meanwhile
+    assert multitask["num_workers"] == 1 and len(multitask["node_ids"]) == 1, multitask
     assert "reverse" in client.get_job_logs(job)  # the report table reached the job's log
     used = yaml.safe_load((out / "config.yaml").read_text())["data"]["domains"][0]["train"]
     assert used.startswith(str(out / "inputs")) and Path(used).is_file()  # shipped to storage every node sees
