@@ -80,26 +80,6 @@ def test_rerun_skips_every_stage(first_run):
     assert all(p.read_bytes() == b for p, b in snapshot.items())
 
 
-def test_add_domain_trains_one_expert_and_keeps_old_ones(first_run):
-    from loramix.synthetic import make_rows, write_jsonl
-    from pipelines.experts import add_domain
-
-    cfg, root, report, snapshot = first_run
-    train = write_jsonl(make_rows("shift", 64, seed=0), root / "data" / "shift.train.jsonl")
-    evals = write_jsonl(make_rows("shift", 8, seed=1), root / "data" / "shift.eval.jsonl")
-    current = versions.resolve(root / "out")
-    new = add_domain(root / "out", "shift", str(train), str(evals))
-    assert load_config(root / "out" / "config.yaml").router.warm_start == str(current)  # the router started from it
-    assert new["training"]["router"]["warm_start"] == {"from": str(current), "kept": ["reverse", "rotate"]}
-    info = new["change"]
-    assert info["compute_ratio"] <= 1 / 2 and info["expert_steps"] == new["training"]["expert/shift"]["steps"]
-    assert set(info["kept_domains"]) == {"reverse", "rotate"}
-    assert {"base", "expert/reverse", "expert/rotate"} <= set(new["cached_stages"])
-    assert "expert/shift" not in new["cached_stages"]
-    assert all(p.read_bytes() == b for p, b in snapshot.items())  # old experts byte-identical
-    assert MixtureModel.from_pretrained(root / "out" / "artifact").expert_names == ["reverse", "rotate", "shift"]
-
-
 def test_bad_config_is_a_clear_cli_error(tmp_path, capsys):
     from pipelines.cli import main
 
@@ -311,9 +291,10 @@ def test_a_second_writer_on_the_same_output_fails_at_once(first_run, tmp_path):
     assert os.listdir(out) == [LOCK]  # nothing was started
 
 
-def test_failed_add_domain_leaves_the_run_as_it_was_and_can_be_retried(first_run, tmp_path):
+def test_add_domain_fails_on_bad_rows_untouched_then_trains_one_expert_and_keeps_old_ones(first_run, tmp_path):
     """A new domain whose eval rows are bad fails the add-domain at once, before anything trains:
-    the previous config, report and artifact version stay, and fixing the file and retrying works."""
+    the previous config, report and artifact version stay. Fixed and retried, it trains the new
+    expert only (the old ones byte-identical, cached), with the router started from the current one."""
     import shutil
 
     from loramix.data import DataError
@@ -335,8 +316,21 @@ def test_failed_add_domain_leaves_the_run_as_it_was_and_can_be_retried(first_run
     assert time.monotonic() - t0 < 10 and not (out / "experts" / "sort").exists()  # nothing trained
     assert {name: (out / name).read_bytes() for name in before} == before and current(out) == version
     write_jsonl(make_rows("sort", 8, seed=1), evals)
-    report = add_domain(out, "sort", str(train), str(evals))  # not "already exists"
-    assert report["domains"][-1] == "sort" and current(out) == version + 1
+    old = MixtureModel.from_pretrained(out / "artifact").expert_names
+    snapshot = {p: p.read_bytes() for p in (out / "experts").rglob("*") if p.is_file()}
+    previous = versions.resolve(out)
+    new = add_domain(out, "sort", str(train), str(evals))  # not "already exists"
+    assert new["domains"][-1] == "sort" and current(out) == version + 1
+    assert load_config(out / "config.yaml").router.warm_start == str(previous)  # the router started from it
+    assert new["training"]["router"]["warm_start"] == {"from": str(previous), "kept": old}
+    info = new["change"]
+    assert info["compute_ratio"] <= 1 / 2 and info["expert_steps"] == new["training"]["expert/sort"]["steps"]
+    assert set(info["kept_domains"]) == set(old)
+    assert {"base", *(f"expert/{d}" for d in old)} <= set(new["cached_stages"]) and "expert/sort" not in new[
+        "cached_stages"
+    ]
+    assert all(p.read_bytes() == b for p, b in snapshot.items())  # old experts byte-identical
+    assert MixtureModel.from_pretrained(out / "artifact").expert_names == [*old, "sort"]
 
 
 def test_add_replace_and_remove_experts_publish_versions(first_run, tmp_path):
@@ -360,7 +354,7 @@ def test_add_replace_and_remove_experts_publish_versions(first_run, tmp_path):
         folder = out / "artifacts" / f"v{version}" / "experts"
         return {p.parent.name: p.read_bytes() for p in folder.rglob("adapter_model.safetensors")}
 
-    v0, names = current(out), MixtureModel.from_pretrained(out / "artifact").expert_names  # add-domain may have run
+    v0, names = current(out), MixtureModel.from_pretrained(out / "artifact").expert_names
     train = write_jsonl(make_rows("swap", 64, seed=0), tmp_path / "swap.train.jsonl")
     lora = plain_peft_lora(root / "out" / "base", tmp_path / "ext")  # the base the copied run names
     evals = write_jsonl(make_rows("swap", 8, seed=1), tmp_path / "swap.eval.jsonl")
