@@ -36,8 +36,7 @@ def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch
     worker: a LoRA step's matrices are too small to spread over threads (measured on the demo: one
     worker with two threads ran at one thread's speed; two workers on half the batch each,
     1.15-1.17x: the step is mostly dispatch, not FLOPs). Only as many as divide ``batch_size``;
-    GPU trainers are bound by their GPU and keep
-    ``resources.num_workers``.
+    GPU trainers are bound by their GPU and keep ``resources.num_workers``.
     """
     res = cfg.resources
     if replaces <= 1 or res.use_gpu or not nodes:
