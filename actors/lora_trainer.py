@@ -108,7 +108,7 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         scaling_config=scaling_config(cfg, workers),
         run_config=run_config(cfg, run_name),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # every worker validates on all val rows
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker takes its stride (`shard_examples`)
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:

@@ -25,7 +25,7 @@ retrains that expert and what depends on it, nothing else.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -54,7 +54,9 @@ METHODS = ("base", "oracle", "multitask_lora", "merge_linear", "merge_ties", "me
 class Stage:
     name: str
     deps: tuple[str, ...] = ()
+    after: tuple[str, ...] = field(default=(), kw_only=True)  # waited for, not read (nor in its digest)
     kind: ClassVar[str] = "task"  # "lora": one LoRA trainer (a Ray Train job under `loramix run`)
+    alone: ClassVar[bool] = False  # every other stage waits for it: it may take a whole node's CPUs
     result_type: ClassVar[type[Result]] = Result
 
     def key(self, ctx: Context) -> list:
@@ -71,6 +73,7 @@ class Stage:
 @dataclass(frozen=True)
 class BaseStage(Stage):
     result_type: ClassVar = BaseResult
+    alone: ClassVar = True
 
     def key(self, ctx):
         cfg = ctx.cfg
@@ -252,8 +255,13 @@ def build_plan(cfg: LoramixConfig) -> list[Stage]:
         "multitask_lora": ("base", "multitask_lora"),
         "mixture": ("base", "router"),
     }
+    # Scoring the experts (oracle, merges) waits for the router when the baseline trains: on a small
+    # cluster it would take the CPU the baseline's trainer waits for, the longest stage (20 s on 2 CPUs).
+    after = ("router",) if cfg.baselines else ()
     for method in (m for m in METHODS if cfg.baselines or m not in BASELINES):
-        plan.append(EvalStage(f"eval/{method}", eval_deps.get(method, ("base", *loras)), method=method))
+        deps = eval_deps.get(method, ("base", *loras))
+        waits = after if method not in ("base", "multitask_lora", "mixture") else ()
+        plan.append(EvalStage(f"eval/{method}", deps, after=waits, method=method))
     return plan
 
 

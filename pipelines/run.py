@@ -100,7 +100,8 @@ def submit(cfg: LoramixConfig, stages: list[plan.Stage], progress) -> tuple[dict
             nodes[stage.name] = plan.load_result(stage, done)
             cached.append(stage.name)
         else:
-            nodes[stage.name] = launch(stage, ctx, hashes[stage.name], progress, [nodes[d] for d in stage.deps])
+            upstream = [nodes[d] for d in (*stage.deps, *stage.after)]
+            nodes[stage.name] = launch(stage, ctx, hashes[stage.name], progress, upstream)
     return nodes, cached
 
 

@@ -62,6 +62,38 @@ def test_without_baselines_only_base_oracle_and_mixture_run(saved_base, tmp_path
     assert not (tmp_path / "out" / "multitask_lora").exists()
 
 
+def test_scoring_the_experts_waits_for_the_router_only_while_the_baseline_trains(saved_base, tmp_path):
+    """Ordering only: the oracle and merge evaluations do not read the router, nor hash it."""
+    from dataclasses import replace
+
+    cfg = config(saved_base, tmp_path)
+    evals = {s.name: s for s in plan.build_plan(cfg) if s.name.startswith("eval/")}
+    waits = {name for name, s in evals.items() if s.after}
+    assert waits == {"eval/oracle", "eval/merge_linear", "eval/merge_ties", "eval/merge_cat"}
+    assert all(evals[n].after == ("router",) and "router" not in evals[n].deps for n in waits)
+    assert not any(s.after for s in plan.build_plan(config(saved_base, tmp_path, baselines=False)))
+    oracle, upstream = evals["eval/oracle"], {d: d for d in evals["eval/oracle"].deps}
+    ctx = plan.Context.create(cfg)
+    assert oracle.digest(ctx, upstream) == replace(oracle, after=()).digest(ctx, upstream)
+
+
+def test_loramix_run_submits_a_stage_with_what_it_waits_for_after_what_it_reads(saved_base, tmp_path, monkeypatch):
+    """Ray runs a task once every top-level ref it was given exists: the router's among them."""
+    import pipelines.run
+
+    launched = {}
+
+    def launch(stage, ctx, digest, progress, upstream):
+        launched[stage.name] = upstream
+        return stage.name  # the stage's "ref"
+
+    monkeypatch.setattr(pipelines.run, "launch", launch)
+    cfg = config(saved_base, tmp_path)
+    pipelines.run.submit(cfg, plan.build_plan(cfg), None)
+    assert launched["eval/oracle"] == ["base", "expert/reverse", "expert/shift", "router"]
+    assert launched["eval/mixture"] == ["base", "router"]
+
+
 def test_a_bad_row_stops_the_run_before_anything_trains(saved_base, tmp_path):
     from loramix.data import DataError
 

@@ -60,3 +60,38 @@ def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
         assert stages["universal"].replaces == universal
         assert stages["multitask_lora"].replaces == 3 and stages["expert/a"].replaces == 1
         assert stages["multitask_lora"].beside == 1 and stages["universal"].beside == 0  # the router
+
+
+def test_the_base_stage_takes_a_whole_node_and_other_stage_tasks_one_cpu():
+    """Every stage waits for the demo base's pre-training: it may use all of a node's free CPUs."""
+    from actors.stage_tasks import task_cpus
+    from loramix import plan
+
+    base, router = plan.BaseStage("base"), plan.RouterStage("router", ("base",))
+    assert task_cpus(base, [2.0], 2.0) == 2  # the demo machine
+    assert task_cpus(base, [2.0, 8.0], 10.0) == 8  # one task runs on one node: the largest
+    assert task_cpus(base, [8.0], 3.0) == 3  # another job holds 5: do not wait for them
+    assert task_cpus(base, [], 0.0) == 1
+    assert task_cpus(router, [8.0], 8.0) == 1
+
+
+class Rows:
+    """A Ray Data dataset as a worker sees it: rows in whatever order its blocks arrived."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def iter_rows(self):
+        return iter(self.rows)
+
+
+def test_each_worker_keeps_its_stride_of_the_rows_whatever_order_they_arrive_in():
+    from actors.lora_worker import shard_examples
+
+    rows = [{"input_ids": [i, i + 1], "labels": [-100, i + 1]} for i in range(10)]
+    shards = [shard_examples(Rows(rows), rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [4, 3, 3]
+    ids = [e.input_ids[0] for s in shards for e in s]
+    assert sorted(ids) == list(range(10))  # disjoint, and together every row
+    assert shard_examples(Rows(rows[::-1]), 1, 3) == shards[1]  # a resumed run gets the same rows
+    assert shard_examples(Rows(rows), 0, 1) == shard_examples(Rows(rows[::-1]))
