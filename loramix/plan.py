@@ -56,6 +56,7 @@ class Stage:
     deps: tuple[str, ...] = ()
     after: tuple[str, ...] = field(default=(), kw_only=True)  # waited for, not read (nor in its digest)
     kind: ClassVar[str] = "task"  # "lora": one LoRA trainer (a Ray Train job under `loramix run`)
+    alone: ClassVar[bool] = False  # every other stage waits for it: it may take a whole node's CPUs
     result_type: ClassVar[type[Result]] = Result
 
     def key(self, ctx: Context) -> list:
@@ -72,6 +73,7 @@ class Stage:
 @dataclass(frozen=True)
 class BaseStage(Stage):
     result_type: ClassVar = BaseResult
+    alone: ClassVar = True
 
     def key(self, ctx):
         cfg = ctx.cfg

@@ -62,6 +62,19 @@ def test_the_plan_widens_only_the_trainers_that_train_while_the_others_wait():
         assert stages["multitask_lora"].beside == 1 and stages["universal"].beside == 0  # the router
 
 
+def test_the_base_stage_takes_a_whole_node_and_other_stage_tasks_one_cpu():
+    """Every stage waits for the demo base's pre-training: it may use all of a node's free CPUs."""
+    from actors.stage_tasks import task_cpus
+    from loramix import plan
+
+    base, router = plan.BaseStage("base"), plan.RouterStage("router", ("base",))
+    assert task_cpus(base, [2.0], 2.0) == 2  # the demo machine
+    assert task_cpus(base, [2.0, 8.0], 10.0) == 8  # one task runs on one node: the largest
+    assert task_cpus(base, [8.0], 3.0) == 3  # another job holds 5: do not wait for them
+    assert task_cpus(base, [], 0.0) == 1
+    assert task_cpus(router, [8.0], 8.0) == 1
+
+
 class Rows:
     """A Ray Data dataset as a worker sees it: rows in whatever order its blocks arrived."""
 
