@@ -183,8 +183,8 @@ class RouterConfig(OptimConfig):
     """Initial softmax temperature of the MoLE gates (learnable)."""
     balance_coef: float | None = Field(None, ge=0)
     """Weight of the balance loss -log prod q_i; unset: the recipe's (MoLE 0.5, the paper's alpha; MoDULA 0)."""
-    context: Literal["token", "prompt"] = "token"
-    """MoDULA: a token's router reads its layer input (`token`, the paper's) or the mean over the prompt up to it."""
+    context: Literal["token", "prompt", "prompt_only"] = "token"
+    """MoDULA router input: the token's (`token`, the paper's), the prompt's + tokens so far mean, the prompt's mean."""
     label_coef: float = Field(0.0, ge=0)
     """MoLE/MoDULA: weight of a cross-entropy of each gate against the row's expert (0: the papers' label-free loss)."""
     warm_start: str | None = None

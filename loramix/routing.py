@@ -155,9 +155,12 @@ def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.repeat_interleave(batch // t.shape[0], dim=0)
 
 
-def context_mean(call: CallState, key: str, x: torch.Tensor, full: torch.Tensor | None = None) -> torch.Tensor:
+def context_mean(
+    call: CallState, key: str, x: torch.Tensor, full: torch.Tensor | None = None, grow: bool = True
+) -> torch.Tensor:
     """``[batch, seq, d]``: for each token the mean of ``x`` over the whole prompt and the tokens
-    after the prompt up to it (the prompt is known in full before anything is generated).
+    after the prompt up to it (the prompt is known in full before anything is generated); with
+    ``grow=False`` over the prompt alone, the same for every token.
 
     A forward over the whole sequence (training, a prompt, a decode without KV cache) computes it
     from scratch; a KV-cached decoding step continues the sums the prompt's forward left in
@@ -174,19 +177,19 @@ def context_mean(call: CallState, key: str, x: torch.Tensor, full: torch.Tensor 
         tokens = F.pad(expand_batch(call.attention_mask, x.shape[0]).float(), (0, extra), value=1.0)
         prompt, after = prompt[..., None], (tokens - prompt)[..., None]
         xf = x.float()
-        total = (xf * prompt).sum(1, keepdim=True) + (xf * after).cumsum(1)
-        count = prompt.sum(1, keepdim=True) + after.cumsum(1)
+        total = (xf * prompt).sum(1, keepdim=True) + (xf * after).cumsum(1) * grow
+        count = prompt.sum(1, keepdim=True) + after.cumsum(1) * grow
     else:
         earlier = call.prefix.get(key)
         if earlier is None and full is not None and full.shape[1] == prompt_len:
             # Every prompt position's context is the whole prompt: any kept positions read the same.
-            return context_mean(call, key, full)[:, -x.shape[1] :].to(x.dtype)
+            return context_mean(call, key, full, grow=grow)[:, -x.shape[1] :].to(x.dtype)
         if earlier is None:
             raise RuntimeError(
                 "a partial sequence without the prompt's forward first; run the prompt through the mixture."
             )
         steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
-        total, count = earlier[0][:, None] + x.float().cumsum(1), earlier[1][:, None] + steps
+        total, count = earlier[0][:, None] + x.float().cumsum(1) * grow, earlier[1][:, None] + steps * grow
     if call.freeze:
         call.prefix[key] = (total[:, -1], count[:, -1])
     return (total / count.clamp_min(1.0)).to(x.dtype)

@@ -12,13 +12,19 @@ from loramix.decode_graphs import StepGraphs, batch_bucket, length_bucket
 from loramix.serving import Engine, GenerationRequest, SamplingParams
 from loramix.synthetic import demo_artifact
 
-RECIPES = {"moa": {}, "mole": {}, "modula": {"context": "prompt"}}  # modula: running context sums as state
+RECIPES = {  # modula: running context sums as state, growing (prompt) or the prompt's alone (prompt_only)
+    "moa": ("moa", {}),
+    "mole": ("mole", {}),
+    "modula": ("modula", {"context": "prompt"}),
+    "modula-prompt_only": ("modula", {"context": "prompt_only"}),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(RECIPES))
 def engine(request, tmp_path_factory) -> Engine:
     root = tmp_path_factory.mktemp(request.param)
-    path = demo_artifact(root / "artifact", recipe=request.param, top_k=2, router_kwargs=RECIPES[request.param])
+    recipe, kwargs = RECIPES[request.param]
+    path = demo_artifact(root / "artifact", recipe=recipe, top_k=2, router_kwargs=kwargs)
     return Engine.from_artifact(path)
 
 

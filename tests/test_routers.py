@@ -105,7 +105,14 @@ def test_mole_masking_renormalises(adapters):
 
 
 @pytest.mark.parametrize(
-    "recipe, kwargs", [("moa", {}), ("mole", {}), ("modula", {}), ("modula", {"context": "prompt"})]
+    "recipe, kwargs",
+    [
+        ("moa", {}),
+        ("mole", {}),
+        ("modula", {}),
+        ("modula", {"context": "prompt"}),
+        ("modula", {"context": "prompt_only"}),
+    ],
 )
 def test_generate_with_cache_equals_without(adapters, recipe, kwargs):
     """Routing decided on the prompt survives KV-cache decoding (and matches full recompute)."""
@@ -201,6 +208,20 @@ def test_prompt_context_is_the_mean_over_the_prompt_then_the_tokens_so_far():
     call = CallState(pool_mask=attention[:, :3], attention_mask=attention[:, :3], freeze=True)
     first = context_mean(call, "l", x[:, :3])[0, :, 0]
     steps = [context_mean(call, "l", x[:, i : i + 1])[0, 0, 0] for i in (3, 4)]
+    assert torch.allclose(first[1:], torch.tensor([2.0, 2.0])) and torch.allclose(torch.stack(steps), got[3:])
+
+
+def test_prompt_only_context_is_the_prompts_mean_for_every_token():
+    """`router.context: prompt_only`: every token, prompt or generated, reads the prompt's mean."""
+    from loramix.routing import CallState, context_mean
+
+    x = torch.tensor([[[9.0], [1.0], [3.0], [5.0], [7.0]]])
+    attention, prompt = torch.tensor([[0, 1, 1, 1, 1]]), torch.tensor([[0, 1, 1, 0, 0]])
+    got = context_mean(CallState(pool_mask=prompt, attention_mask=attention), "l", x, grow=False)[0, :, 0]
+    assert torch.allclose(got[1:], torch.full((4,), 2.0))
+    call = CallState(pool_mask=attention[:, :3], attention_mask=attention[:, :3], freeze=True)
+    first = context_mean(call, "l", x[:, :3], grow=False)[0, :, 0]
+    steps = [context_mean(call, "l", x[:, i : i + 1], grow=False)[0, 0, 0] for i in (3, 4)]
     assert torch.allclose(first[1:], torch.tensor([2.0, 2.0])) and torch.allclose(torch.stack(steps), got[3:])
 
 
