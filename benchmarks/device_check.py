@@ -282,6 +282,7 @@ def _forward_graphs(root: Path, size: str, dtype: str) -> dict:
     with mm.decoding(ids, torch.ones_like(ids), weights):
         t_base, t_mix, ratio = paired(_graphed(run_base), _graphed(run_mixture), cfg.repeats, sync)
         e_base, e_mix, e_ratio = paired(run_base, run_mixture, cfg.repeats, sync)
+        variants = _layer_variants(run_base, run_mixture, cfg.repeats, sync)
     return {
         "graph_base_ms": 1e3 * t_base,
         "graph_mixture_ms": 1e3 * t_mix,
@@ -290,6 +291,55 @@ def _forward_graphs(root: Path, size: str, dtype: str) -> dict:
         "eager_mixture_ms": 1e3 * e_mix,
         "eager_ratio": e_ratio,
         "target_ratio": 1.15,
+        "variants": variants,
+    }
+
+
+def _layer_variants(run_base, run_mixture, repeats: int, sync) -> dict:
+    """The GPU path's two launch savings (:data:`loramix.layers.GPU_SHARED_SHRINK`, ``GPU_LORA_FIRST``)
+    on and off, each captured as a graph and timed round-robin with the base: median mixture / base
+    per round, and the largest logit difference from both off."""
+    from loramix import layers  # lazy: each benchmark loads only its own stack
+
+    shipped = layers.GPU_SHARED_SHRINK, layers.GPU_LORA_FIRST
+    flags = {
+        "neither": (False, False),
+        "shared_shrink": (True, False),
+        "lora_first": (False, True),
+        "both": (True, True),
+    }
+    replays, logits = {}, {}
+    try:
+        for name, (share, first) in flags.items():
+            layers.GPU_SHARED_SHRINK, layers.GPU_LORA_FIRST = share, first
+            logits[name] = run_mixture().logits.float()
+            replays[name] = _graphed(run_mixture)
+    finally:
+        layers.GPU_SHARED_SHRINK, layers.GPU_LORA_FIRST = shipped
+    base = _graphed(run_base)
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    for fn in (base, *replays.values()):
+        timed(fn)
+    ratios: dict[str, list[float]] = {name: [] for name in replays}
+    for _ in range(repeats):
+        t_base = timed(base)
+        for name, fn in replays.items():
+            ratios[name].append(timed(fn) / t_base)
+    ref = logits["neither"]
+    return {
+        name: {
+            "ratio": statistics.median(r),
+            "max_logit_diff": float((logits[name] - ref).abs().max()),
+            "ref_logit_scale": float(ref.abs().max()),
+        }
+        for name, r in ratios.items()
     }
 
 
@@ -308,8 +358,8 @@ def graphs(root: Path) -> dict:
 
     decode_graphs.EMULATE_ON_CPU = not CUDA  # --dry-run: the same path, emulated
     out: dict = {"equal": {}}
-    for recipe, kwargs in RECIPES.items():
-        path = demo_artifact(root / f"graphs-{recipe}" / "artifact", recipe=recipe, top_k=2, router_kwargs=kwargs)
+    for key, (recipe, kwargs) in RECIPES.items():
+        path = demo_artifact(root / f"graphs-{key}" / "artifact", recipe=recipe, top_k=2, router_kwargs=kwargs)
         engine = Engine.from_artifact(path)
         runs = {}
         for name, on in (("graph", True), ("eager", False)):
@@ -319,11 +369,11 @@ def graphs(root: Path) -> dict:
                 held = [b.graphs for b in scheduler.batches.values()]
                 assert held and all(g is not None and not g.broken and g.graphs for g in held), "no graph replayed"
         ref = [reference(engine, t, r.params.max_tokens, r.expert_weights) for r, t in zip(reqs[:7], texts)]
-        out["equal"][recipe] = {
+        out["equal"][key] = {
             "graph_equals_generate": runs["graph"][:7] == ref,
             "graph_equals_eager_incl_sampled": runs["graph"] == runs["eager"],
         }
-        print(f"--- graphs {recipe}: {out['equal'][recipe]}", flush=True)
+        print(f"--- graphs {key}: {out['equal'][key]}", flush=True)
     assert all(v for r in out["equal"].values() for v in r.values()), out["equal"]
 
     # Decode tokens/s: 32 rows decoding up to 96 tokens each, graphs vs eager alternately (median of

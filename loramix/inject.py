@@ -7,7 +7,7 @@ import logging
 from torch import nn
 
 from loramix.experts import Expert, ExpertBank
-from loramix.layers import MixtureLinear
+from loramix.layers import MixtureLinear, share_shrinks
 from loramix.routing import Routing
 
 logger = logging.getLogger(__name__)
@@ -102,5 +102,6 @@ def inject(
     got = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in layers.values())
     if got != expected:  # an invariant, not user input: stacking lost or duplicated ranks
         raise RuntimeError(f"injected {got:,} expert parameters but the experts hold {expected:,}.")
+    share_shrinks(layers)
     logger.info("injected %d experts into %d modules (%s expert parameters)", len(bank.names), len(layers), f"{got:,}")
     return layers

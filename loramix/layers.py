@@ -21,6 +21,10 @@ frozen (``requires_grad=False``) unless a trainee unfreezes one.
 Experts keep the dtype they were saved in (float32 under a bf16 base, as PEFT keeps them) and
 compute in the activations' dtype, as serving systems do: a cached cast, so a bf16 forward pays
 no casts of activations and the expert output accumulates into the base output inside the GEMM.
+
+On a GPU, where each extra kernel and each pass over memory costs wall time: layers that read one
+input (q/k/v, gate/up) run their shrinks as one GEMM (:class:`SharedShrink`), and the base GEMM
+accumulates into the expert output (beta = 1) rather than a rank-R GEMM rewriting the base output.
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ PER_ROW_MIN_TOKENS = 8
 # slicing or gathering. Past it (or on a CPU, where FLOPs are the cost) inactive experts are sliced
 # out and rows gather their own top-k.
 GPU_ALL_RANKS_MAX = 256
+# Sibling modules that read one input tensor in the decoder families PEFT targets by these names
+# (Llama, Mistral, Qwen, Gemma): on the GPU path their experts' shrinks run as one GEMM.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# On the GPU path the expert output is computed first and the base GEMM accumulates into it
+# (beta = 1, read in its epilogue) instead of a rank-R GEMM reading and rewriting the base output.
+GPU_LORA_FIRST = True
+GPU_SHARED_SHRINK = True
 # MoDULA-Res's activation between A_e and B_e (the paper's LeakyReLU, PyTorch's default slope).
 RES_NEGATIVE_SLOPE = 0.01
 
@@ -115,6 +126,7 @@ class MixtureLinear(nn.Module):
         self._casts: dict[tuple[str, torch.dtype], tuple[int, torch.Tensor]] = {}
         # Layers whose ranks belong to the same experts with the same scales share rank gates.
         self._layout = (tuple(expert_of_rank.tolist()), tuple(scale_of_rank.tolist()))
+        self.siblings: SharedShrink | None = None  # set by inject for q/k/v and gate/up
 
     @property
     def in_features(self) -> int:
@@ -159,39 +171,50 @@ class MixtureLinear(nn.Module):
         return F.linear(F.linear(x, uA), uB) * self.universal_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         routing = self.routing
         call = routing.call
         if routing.disabled or call is None:
-            return y
-        if not y.is_contiguous():  # expert outputs accumulate into y in place
-            y = y.contiguous()
-        z = x
+            return self.base_layer(x)
         h = self.trunk(x)
-        if h is not None:
-            y = y + h.to(y.dtype)
-            z = h
         gates = routing.gates_for(self, x)  # None, [batch, E] or [batch, seq, E]
-        if gates is None or self.ranks == 0:
-            return y
         all_ranks = self._runs_all_ranks(x)
-        per_row = gates.dim() == 2 and call.row_experts is not None and x.dim() == 3 and not all_ranks
-        if per_row and x.shape[1] >= PER_ROW_MIN_TOKENS:
-            return self._per_row(y, z, call, gates.shape[-1])
-        prepared = self._prepare(gates, call, x, all_ranks)
+        prepared = None
+        if gates is not None and self.ranks:
+            per_row = gates.dim() == 2 and call.row_experts is not None and x.dim() == 3 and not all_ranks
+            if per_row and x.shape[1] >= PER_ROW_MIN_TOKENS:
+                return self._per_row(self._base(x, h), x if h is None else h, call, gates.shape[-1])
+            prepared = self._prepare(gates, call, x, all_ranks)
         if prepared is None:
-            return y
+            return self._base(x, h)
         A, B, rank_gates = prepared
-        t = F.linear(z, A)  # [batch, seq, R]
+        if h is None and all_ranks and GPU_SHARED_SHRINK and self.siblings is not None and not A.requires_grad:
+            t = self.siblings.shrink(self, x, call, A)
+        else:
+            t = F.linear(x if h is None else h, A)  # [batch, seq, R]
         if self.variant == "res":
             t = res_activation(t)
         t = t * rank_gates
+        base = self.base_layer
+        if all_ranks and GPU_LORA_FIRST and h is None and type(base) is nn.Linear and base.weight.dtype == B.dtype:
+            # The base GEMM adds itself to the expert output in its epilogue (beta = 1): cheaper than
+            # a rank-R GEMM that reads and rewrites the wide base output (the MLP's up-projections).
+            y = F.linear(t, B, base.bias)
+            y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), base.weight.t())
+            return y
+        y = self._base(x, h)
         if y.dtype != B.dtype:
             return y + F.linear(t, B).to(y.dtype)
         # y += t B^T inside the GEMM (beta = 1). In place: y is this layer's fresh base output (and
         # linear's backward does not need it); out of place the GEMM would first copy y.
         y.view(-1, y.shape[-1]).addmm_(t.reshape(-1, t.shape[-1]), B.t())
         return y
+
+    def _base(self, x: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """The base output (plus the MoDULA-Res trunk's), contiguous: expert outputs accumulate into it in place."""
+        y = self.base_layer(x)
+        if h is not None:
+            return y + h.to(y.dtype)
+        return y if y.is_contiguous() else y.contiguous()
 
     def _runs_all_ranks(self, x: torch.Tensor) -> bool:
         return x.is_cuda and self.ranks <= GPU_ALL_RANKS_MAX
@@ -304,3 +327,65 @@ class MixtureLinear(nn.Module):
             raise ValueError("MoDULA-Res experts are non-linear in x and cannot be merged into W; use `flan`.")
         w = weights.to(self.lora_A.device, torch.float32)[self.expert_of_rank] * self.scale_of_rank.float()
         return (self.lora_B.float() * w) @ self.lora_A.float()
+
+
+class SharedShrink:
+    """The experts' shrinks ``x A_m^T`` of sibling layers that read one input (q/k/v, gate/up), as one GEMM.
+
+    The first sibling called computes ``x [A_q; A_k; A_v]^T`` into the call's state; the others
+    take their columns of it when they get the same tensor, and the last one drops it, so nothing
+    outlives its block. A model that feeds the siblings different inputs is caught the first time
+    a sibling finds another's shrink pending, and falls back to one shrink per layer for good.
+    """
+
+    def __init__(self, layers: list[MixtureLinear]):
+        self.layers = tuple(layers)
+        ends = torch.tensor([layer.ranks for layer in layers]).cumsum(0).tolist()
+        self.columns = {id(layer): slice(end - layer.ranks, end) for layer, end in zip(layers, ends)}
+        self.broken = False
+        self._cat: tuple[tuple, torch.Tensor] | None = None
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[A_q; A_k; A_v]`` in ``dtype``, cached until a sibling's experts change."""
+        key = (dtype, tuple((layer.lora_A.data_ptr(), layer.lora_A._version) for layer in self.layers))
+        if self._cat is None or self._cat[0] != key:
+            self._cat = (key, torch.cat([layer._weight("lora_A", dtype) for layer in self.layers]))
+        return self._cat[1]
+
+    def shrink(self, layer: MixtureLinear, x: torch.Tensor, call: CallState, A: torch.Tensor) -> torch.Tensor:
+        """``x A^T`` for ``layer`` (its own ``A``, in ``x``'s dtype, for the fallback)."""
+        if self.broken:
+            return F.linear(x, A)
+        key = ("shrink", id(self))
+        pending = call.prepared.get(key)
+        if pending is not None and pending[0] is not x:
+            self.broken = True
+            del call.prepared[key]
+            logger.warning("%s: sibling layers got different inputs; their shrinks run one by one", layer.key)
+            return F.linear(x, A)
+        if pending is None:
+            pending = call.prepared[key] = [x, F.linear(x, self.weight(x.dtype)), 0]
+        pending[2] += 1
+        if pending[2] == len(self.layers):
+            del call.prepared[key]
+        return pending[1][..., self.columns[id(layer)]]
+
+
+def share_shrinks(layers: dict[str, MixtureLinear]) -> int:
+    """Group sibling layers (:data:`SIBLINGS` under one parent, with experts) for :class:`SharedShrink`.
+
+    Returns the number of groups.
+    """
+    groups = 0
+    for key in layers:
+        parent, _, name = key.rpartition(".")
+        for names in SIBLINGS:
+            if name != names[0]:
+                continue
+            members = [layers.get(f"{parent}.{n}" if parent else n) for n in names]
+            if all(m is not None and m.ranks and m.variant == "flan" for m in members):
+                group = SharedShrink(members)
+                for m in members:
+                    m.siblings = group
+                groups += 1
+    return groups

@@ -24,11 +24,15 @@ def test_device_check_dry_run(tmp_path):
         "--parts",
         "serving",
         "deepspeed",
+        "graphs",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "device_check.json").read_text())
     assert result["serving"]["ok"] and all(result["serving"]["greedy_equals_generate"])
+    graphs = result["graphs"]  # emulated on the CPU: the same scheduler and equality checks
+    assert graphs["ok"] and all(v for r in graphs["equal"].values() for v in r.values())
+    assert set(graphs["forward_large_bfloat16"]["variants"]) == {"neither", "shared_shrink", "lora_first", "both"}
     ds = result["deepspeed"]
     assert ds["ok"] and ds["backend"] == "gloo"
     # the Ray worker's engine without Ray: the loss falls, ZeRO-2/3 write ZeRO-0's adapter

@@ -212,3 +212,65 @@ def test_gate_gradients_through_in_place_accumulation():
     want.pow(2).sum().backward()
     assert_close(got[0], gates.grad, atol=1e-3)
     assert_close(got[1], x.grad, atol=1e-3)
+
+
+def test_gpu_path_shares_sibling_shrinks_and_accumulates_the_base_last(adapters, monkeypatch):
+    """On the GPU path q/k/v (and gate/up) run their experts' shrinks as one GEMM, and the base
+    GEMM adds itself to the expert output (beta = 1): same logits as the CPU path, 3 fewer
+    linears per block, and no adapted base layer called on its own."""
+    from helpers import logits
+    from tiny import batch, tiny_llama
+
+    from loramix import MixtureModel, layers
+
+    mm = MixtureModel.from_adapters(tiny_llama(0), adapters, router=None)
+    groups = {id(layer.siblings): key for key, layer in mm.layers.items() if layer.siblings is not None}
+    assert len(groups) == 4  # q/k/v and gate/up in each of the 2 blocks
+    ids, mask = batch()
+    w = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6], [0.5, 0.0, 0.5]])
+    want = logits(mm, ids, mask, expert_weights=w)
+    linear, base_calls = torch.nn.functional.linear, []
+
+    def counted(x, weight, bias=None):
+        counted.n += 1
+        return linear(x, weight, bias)
+
+    def run(share, first):
+        monkeypatch.setattr(layers, "GPU_SHARED_SHRINK", share)
+        monkeypatch.setattr(layers, "GPU_LORA_FIRST", first)
+        counted.n = 0
+        base_calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(torch.nn.functional, "linear", counted)
+            got = logits(mm, ids, mask, expert_weights=w)
+        return got, counted.n, len(base_calls)
+
+    monkeypatch.setattr(MixtureLinear, "_runs_all_ranks", lambda self, x: True)
+    for layer in mm.layers.values():
+        layer.base_layer.register_forward_hook(lambda *a: base_calls.append(1))
+    plain, shared, first = run(False, False), run(True, False), run(True, True)
+    for got, _, _ in (plain, shared, first):
+        assert_close(got, want, atol=1e-5)
+    assert plain[1] - shared[1] == 2 * (2 + 1)  # per block: q/k/v 3 -> 1, gate/up 2 -> 1
+    assert plain[2] == shared[2] == len(mm.layers) and first[2] == 0
+
+
+def test_siblings_fed_different_inputs_fall_back_to_their_own_shrinks(caplog):
+    from loramix.layers import SharedShrink
+
+    a, routing, A1, B1 = make_layer(seed=0)
+    b, _, A2, B2 = make_layer(seed=1)
+    object.__setattr__(b, "routing", routing)
+    group = SharedShrink([a, b])
+    a.siblings = b.siblings = group
+    routing.call.set_weights(torch.tensor([[0.2, 0.3, 0.5]]))
+    x = torch.randn(1, 5, 10)
+    call = routing.call
+    t_a = group.shrink(a, x, call, a.lora_A)
+    assert_close(group.shrink(b, x, call, b.lora_A), x @ b.lora_A.T)  # same tensor: b's columns
+    assert_close(t_a, x @ a.lora_A.T)
+    assert not [k for k in call.prepared if k[0] == "shrink"]  # the last sibling dropped the shared shrink
+    group.shrink(a, x, call, a.lora_A)
+    y = x.clone()  # a model that feeds b its own tensor
+    assert_close(group.shrink(b, y, call, b.lora_A), y @ b.lora_A.T)
+    assert group.broken and "different inputs" in caplog.text
