@@ -177,8 +177,9 @@ def context_mean(
         tokens = F.pad(expand_batch(call.attention_mask, x.shape[0]).float(), (0, extra), value=1.0)
         prompt, after = prompt[..., None], (tokens - prompt)[..., None]
         xf = x.float()
-        total = (xf * prompt).sum(1, keepdim=True) + (xf * after).cumsum(1) * grow
-        count = prompt.sum(1, keepdim=True) + after.cumsum(1) * grow
+        total, count = (xf * prompt).sum(1, keepdim=True), prompt.sum(1, keepdim=True)
+        if grow:
+            total, count = total + (xf * after).cumsum(1), count + after.cumsum(1)
     else:
         earlier = call.prefix.get(key)
         if earlier is None and full is not None and full.shape[1] == prompt_len:
@@ -188,8 +189,12 @@ def context_mean(
             raise RuntimeError(
                 "a partial sequence without the prompt's forward first; run the prompt through the mixture."
             )
-        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
-        total, count = earlier[0][:, None] + x.float().cumsum(1) * grow, earlier[1][:, None] + steps * grow
+        total, count = earlier[0][:, None], earlier[1][:, None]
+        if grow:
+            steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=torch.float32)[:, None]
+            total, count = total + x.float().cumsum(1), count + steps
+    if not grow:  # one context for every position
+        total, count = total.expand(-1, x.shape[1], -1), count.expand(-1, x.shape[1], -1)
     if call.freeze:
         call.prefix[key] = (total[:, -1], count[:, -1])
     return (total / count.clamp_min(1.0)).to(x.dtype)
