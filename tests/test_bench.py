@@ -38,3 +38,40 @@ def test_loramix_bench_serving_writes_its_json(tmp_path, capsys):
     result = json.loads((tmp_path / "serving.json").read_text())
     assert result["config"]["requests"] == 8 and result["greedy_outputs_match"] is True
     assert "continuous/static: throughput" in capsys.readouterr().out
+
+
+def test_expert_seeds_trains_each_seed_without_early_stopping(saved_base, tmp_path):
+    """`benchmarks.expert_seeds` replays one expert over seeds from a run directory: full curves
+    (no early stopping), the seed changes the training, and the CLI's child processes run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.expert_seeds import table, train_one
+    from loramix import synthetic
+    from loramix.config import build_config, dump_config
+
+    info = synthetic.write_demo_data(tmp_path / "data", ["reverse", "shift"], train_size=48, eval_size=4)
+    cfg = build_config(
+        {
+            "model": {"base": str(saved_base)},
+            "data": {"max_length": 32, "domains": info["domains"]},
+            "expert": {"rank": 2, "steps": 6, "batch_size": 8, "eval_every": 2, "patience": 1},
+        }
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(cfg))
+    a, b = (train_one(str(run), "reverse", seed, ["expert.steps=4"]) for seed in (0, 1))
+    assert [s for s, _ in a["curve"]] == [2, 4]  # every validation, to the last step
+    assert a["curve"] != b["curve"] and a["learned_at"] is None
+    assert "| reverse | 0/2 |" in table([a, b])
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.expert_seeds", str(run), "--domains", "shift", "--seeds", "3"]
+        + ["--set", "expert.steps=2", "--output", str(tmp_path / "seeds.jsonl")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| shift | " in done.stdout and json.loads((tmp_path / "seeds.jsonl").read_text())["seed"] == 3
