@@ -32,9 +32,9 @@ def train_one(run: str, domain: str, seed: int, overrides: list[str]) -> dict:
     """One expert on ``domain``, batches ordered by ``seed``; its validation curve."""
     import torch  # lazy: the parent process only schedules
 
-    from loramix import data, loops, stages
-    from loramix.config import load_config
-    from loramix.validation import LEARNED_LOSS, Validation
+    from loramix import data, loops, stages  # lazy: the parent process only schedules
+    from loramix.config import load_config  # lazy: the parent process only schedules
+    from loramix.validation import LEARNED_LOSS, Validation  # lazy: the parent process only schedules
 
     torch.set_num_threads(1)
     cfg = load_config(Path(run) / "config.yaml", [o if o.startswith("expert.") else f"expert.{o}" for o in overrides])
