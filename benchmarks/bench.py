@@ -93,26 +93,27 @@ def build(cfg: BenchConfig, root: Path):
     return fresh, {f"e{i}": str(root / f"e{i}") for i in range(cfg.experts)}
 
 
+def timed(fn, sync=lambda: None) -> float:
+    """Seconds ``fn()`` takes; ``sync`` waits for queued device work (CUDA runs asynchronously)
+    before each clock read."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
 def paired(baseline, candidate, repeats: int, sync=lambda: None) -> tuple[float, float, float]:
     """Median times of both and the median of per-pair ``candidate / baseline`` ratios.
 
     The two run alternately, so load that drifts during the benchmark (these machines are
-    shared) hits both sides of each pair instead of biasing one of them. ``sync`` waits for
-    queued device work (CUDA runs asynchronously) before a clock is read.
+    shared) hits both sides of each pair instead of biasing one of them.
     """
-
-    def timed(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    timed(baseline), timed(candidate)  # warm-up
+    timed(baseline, sync), timed(candidate, sync)  # warm-up
     tb, tc = [], []
     for _ in range(repeats):
-        tb.append(timed(baseline))
-        tc.append(timed(candidate))
+        tb.append(timed(baseline, sync))
+        tc.append(timed(candidate, sync))
     return statistics.median(tb), statistics.median(tc), statistics.median(c / b for b, c in zip(tb, tc))
 
 

@@ -299,6 +299,7 @@ def _layer_variants(run_base, run_mixture, repeats: int, sync) -> dict:
     """The GPU path's two launch savings (:data:`loramix.layers.GPU_SHARED_SHRINK`, ``GPU_LORA_FIRST``)
     on and off, each captured as a graph and timed round-robin with the base: median mixture / base
     per round, and the largest logit difference from both off."""
+    from benchmarks.bench import timed  # lazy: each benchmark loads only its own stack
     from loramix import layers  # lazy: each benchmark loads only its own stack
 
     shipped = layers.GPU_SHARED_SHRINK, layers.GPU_LORA_FIRST
@@ -317,21 +318,13 @@ def _layer_variants(run_base, run_mixture, repeats: int, sync) -> dict:
     finally:
         layers.GPU_SHARED_SHRINK, layers.GPU_LORA_FIRST = shipped
     base = _graphed(run_base)
-
-    def timed(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
     for fn in (base, *replays.values()):
-        timed(fn)
+        timed(fn, sync)
     ratios: dict[str, list[float]] = {name: [] for name in replays}
     for _ in range(repeats):
-        t_base = timed(base)
+        t_base = timed(base, sync)
         for name, fn in replays.items():
-            ratios[name].append(timed(fn) / t_base)
+            ratios[name].append(timed(fn, sync) / t_base)
     ref = logits["neither"]
     return {
         name: {
