@@ -44,7 +44,8 @@ class CallState:
         weights: ``[batch, E]`` gates fixed for the whole sequence (explicit, or a sequence router's).
         block_gates: MoLE: block index -> ``[batch, E]``.
         prefix: token routers reading their context: per layer, the running sum and count of inputs.
-        prepared: static weights' per-layer ``(A, B, rank gates)``, reused by every decoding step.
+        prepared: static weights' per-layer ``(A, B, rank gates)``, reused by every decoding step;
+            also sibling layers' shared shrink while their block runs (:class:`~loramix.layers.SharedShrink`).
         final_hidden: the decoder's output of this forward, all positions (the head sees only kept ones).
     """
 
