@@ -5,10 +5,11 @@ A pipeline run is one sample of every expert's training, and on the synthetic wo
 validation loss sits on a plateau for a random number of steps before it falls (the demo's
 `swap`: 300-550 steps over four seeds; `reverse` once not in 1,000). One run cannot tell a
 setting that helps from a lucky sample. This trains each (domain, seed) in its own process, one
-thread each, ``--jobs`` at a time, from RUN_DIR's base and data (a finished ``loramix run``
-directory) with its ``expert`` section plus the overrides, for ``expert.steps`` steps **without
-early stopping**, validating every ``expert.eval_every`` steps as the pipeline does. The seed
-orders the batches (the validation split stays the pipeline's). It reports, per domain, how
+thread each, ``--jobs`` at a time, from RUN_DIR's base and data (a ``loramix run`` directory
+whose base stage finished) with its ``expert`` section plus the overrides, for ``expert.steps``
+steps **without early stopping**, validating every ``expert.eval_every`` steps as the pipeline
+does. The seed orders the batches and draws the LoRA's initialisation (the validation split
+stays the pipeline's). It reports, per domain, how
 many seeds reached :data:`loramix.validation.LEARNED_LOSS` and the step each first did; each
 curve lets early-stopping rules be replayed offline. Writes ``--output`` (JSON lines) and prints
 a table.
@@ -17,7 +18,6 @@ a table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -33,21 +33,17 @@ def train_one(run: str, domain: str, seed: int, overrides: list[str]) -> dict:
     import torch  # lazy: the parent process only schedules
 
     from loramix import data, loops, stages  # lazy: the parent process only schedules
+    from loramix.artifact import read_json  # lazy: the parent process only schedules
     from loramix.config import load_config  # lazy: the parent process only schedules
+    from loramix.messages import BaseResult  # lazy: the parent process only schedules
     from loramix.validation import LEARNED_LOSS, Validation  # lazy: the parent process only schedules
 
     torch.set_num_threads(1)
     cfg = load_config(Path(run) / "config.yaml", [o if o.startswith("expert.") else f"expert.{o}" for o in overrides])
     o = cfg.expert
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy
-
-    base = Path(run) / "base"  # the synthetic base the run pre-trained, or the one it names
-    base = base if base.is_dir() else cfg.model.base
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    path = next((d.train for d in cfg.data.domains if d.name == domain), None)
-    if path is None:
-        raise SystemExit(f"{run} has no domain {domain!r}; its domains: {[d.name for d in cfg.data.domains]}")
+    base = BaseResult.from_json(read_json(Path(run) / "stages" / "base.json")["result"])  # the run's own base
+    tokenizer = stages.load_tokenizer(base)
+    path = next(d.train for d in cfg.data.domains if d.name == domain)
     train, val = stages.split_validation(stages.examples(cfg, tokenizer, path), o.val_fraction, cfg.seed)
     random.Random(seed).shuffle(train)
 
@@ -59,7 +55,7 @@ def train_one(run: str, domain: str, seed: int, overrides: list[str]) -> dict:
     torch.manual_seed(seed)  # the LoRA's initialisation too
     batches = data.batches(train, o.batch_size, tokenizer.pad_token_id, seed=seed, steps=o.steps)
     _, summary = loops.train_expert(
-        o, copy.deepcopy(model), batches, report=lambda m, c: None, validation=validation, log_every=10**9
+        o, stages.load_base(cfg, base), batches, report=lambda m, c: None, validation=validation, log_every=10**9
     )
     curve = summary["val_losses"]
     return {
@@ -108,7 +104,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", help="a `loramix run` output directory (its config.yaml and base/)")
+    parser.add_argument("run_dir", help="a `loramix run` output directory (its config.yaml and trained base)")
     parser.add_argument("--domains", nargs="+")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2, help="processes at a time (one thread each)")
@@ -119,11 +115,15 @@ def main() -> None:
     if args.one:
         print(json.dumps(train_one(args.run_dir, args.one[0], int(args.one[1]), args.overrides)))
         return
-    if not (Path(args.run_dir) / "config.yaml").is_file():
-        parser.error(f"{args.run_dir} is not a `loramix run` output directory (it has no config.yaml).")
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "stages" / "base.json").is_file():
+        parser.error(f"{run_dir} is not a `loramix run` output directory with its base trained (config.yaml, stages/).")
     from loramix.config import load_config  # lazy: the --one children load the stack themselves
 
-    domains = args.domains or [d.name for d in load_config(Path(args.run_dir) / "config.yaml").data.domains]
+    known = [d.name for d in load_config(run_dir / "config.yaml").data.domains]
+    domains = args.domains or known
+    if set(domains) - set(known):
+        parser.error(f"{run_dir} has no domain {sorted(set(domains) - set(known))}; its domains: {known}")
     results = run(args.run_dir, domains, args.seeds, args.overrides, args.jobs)
     if args.output:
         with open(args.output, "a") as f:

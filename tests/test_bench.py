@@ -60,8 +60,10 @@ def test_expert_seeds_trains_each_seed_without_early_stopping(saved_base, tmp_pa
         }
     )
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "stages").mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(cfg))
+    base = {"base": str(saved_base), "tokenizer": str(saved_base)}  # the base stage's marker
+    (run / "stages" / "base.json").write_text(json.dumps({"result": base}))
     a, b = (train_one(str(run), "reverse", seed, ["expert.steps=4"]) for seed in (0, 1))
     assert [s for s, _ in a["curve"]] == [2, 4]  # every validation, to the last step
     assert a["curve"] != b["curve"] and a["learned_at"] is None
