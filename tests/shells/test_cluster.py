@@ -1,5 +1,5 @@
 """Two Ray nodes on this machine: the quickstart pipeline as the README submits it, spread over
-both; a stopped job resubmitted resumes instead of starting over."""
+both; the job stopped and resubmitted resumes instead of starting over."""
 
 import json
 import sys
@@ -10,8 +10,6 @@ import pytest
 import yaml
 
 from loramix.artifact import read_json
-
-from .conftest import small_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -35,7 +33,7 @@ ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[2]
 TINY = (
     "model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
-    "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=4 expert.batch_size=8 "
+    "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=16 expert.batch_size=8 "
     "router.steps=4 router.batch_size=8 data.eval_limit=4"
 )
 
@@ -65,58 +63,41 @@ def wait(client, job, timeout=600, until=None):
     raise TimeoutError(f"job {job} still {client.get_job_status(job)} after {timeout}s")
 
 
-def write_config(tmp_path, tasks=("reverse", "rotate", "shift"), **over):
-    cfg = small_config(tmp_path / "data", tmp_path / "out", tasks=tasks, **over)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return path
+def checkpointed_unfinished(out: Path) -> set[str]:
+    """Trainer runs with a mid-training checkpoint and no finished-stage marker yet."""
+    # A checkpoint counts once Ray Train registered it in the run's snapshot (files alone may be mid-upload).
+    storage = out / "ray_storage"
+    snapshots = storage.glob("*/checkpoint_manager_snapshot.json") if storage.exists() else []
+    runs = {p.parent.name for p in snapshots if json.loads(p.read_text())["checkpoint_results"]}
+    done = {p.stem.replace("__", "-") for p in (out / "stages").glob("*.json")} if (out / "stages").exists() else set()
+    return {r for r in runs if r.rsplit("-", 1)[0] not in done}
 
 
-def test_stopped_job_resumes_when_resubmitted(two_nodes, tmp_path):
+def test_readme_cluster_command_spreads_over_both_nodes_and_resumes_when_resubmitted(two_nodes, tmp_path):
+    """`ray job submit --working-dir . -- loramix run configs/quickstart.yaml --output DIR`, as the
+    README shows it: the config's relative demo paths are written in the job's working directory
+    (which only the driver's node has) and must still reach every task. The job is stopped once a
+    trainer has checkpointed; submitted again, it keeps the finished stages, resumes the
+    checkpointed trainers from their checkpoints, and the four experts train on both nodes.
+    (One test for both: each job submission costs a driver, a base stage and Ray Train starts.)"""
     cluster, url = two_nodes
-    # Two domains and no baselines (two trainers) keep this test to two slots of 1 CPU and short.
-    over = {"expert.steps": 30, "train.checkpoint_every": 4, "baselines": False}
-    path = write_config(tmp_path, tasks=("reverse", "rotate"), **over)
     out = tmp_path / "out"
+    extra = f"{TINY} train.checkpoint_every=4"
 
-    def checkpointed_unfinished() -> set[str]:
-        """Trainer runs with a mid-training checkpoint and no finished-stage marker yet."""
-        # A checkpoint counts once Ray Train registered it in the run's snapshot (files alone may be mid-upload).
-        snapshots = (
-            (out / "ray_storage").glob("*/checkpoint_manager_snapshot.json") if (out / "ray_storage").exists() else []
-        )
-        runs = {p.parent.name for p in snapshots if json.loads(p.read_text())["checkpoint_results"]}
-        done = (
-            {p.stem.replace("__", "-") for p in (out / "stages").glob("*.json")} if (out / "stages").exists() else set()
-        )
-        return {r for r in runs if r.rsplit("-", 1)[0] not in done}
-
-    client, job = submit(url, path, out, "stop")
-    wait(client, job, until=lambda: bool(checkpointed_unfinished()))
+    client, job = submit(url, "configs/quickstart.yaml", out, "stop", working_dir=ROOT, extra=extra)
+    wait(client, job, until=lambda: bool(checkpointed_unfinished(out)))
     client.stop_job(job)
     assert str(wait(client, job)) == "STOPPED"
-    partial = checkpointed_unfinished()
+    partial = checkpointed_unfinished(out)
     assert partial, "the job ended before any checkpoint; the stop tested nothing"
-    client, job = submit(url, path, out, "resume")
+
+    client, job = submit(url, "configs/quickstart.yaml", out, "resume", working_dir=ROOT, extra=extra)
     assert str(wait(client, job)) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
     report = read_json(out / "report.json")
     assert "base" in report["cached_stages"]
     for run in partial:  # e.g. expert-reverse-<hash> -> stages/expert__reverse.json
         marker = read_json(out / "stages" / (run.rsplit("-", 1)[0].replace("-", "__", 1) + ".json"))["result"]
         assert marker["resumed_from"] >= 4, (run, marker)
-
-
-def test_readme_cluster_command_spreads_experts_over_both_nodes(two_nodes, tmp_path):
-    """`ray job submit --working-dir . -- loramix run configs/quickstart.yaml --output DIR`, as the
-    README shows it: the config's relative demo paths are written in the job's working directory
-    (which only the driver's node has) and must still reach every task, and the four experts
-    train on both nodes."""
-    cluster, url = two_nodes
-    out = tmp_path / "out"
-    client, job = submit(url, "configs/quickstart.yaml", out, "readme", working_dir=ROOT, extra=TINY)
-    status = wait(client, job)
-    assert str(status) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
-    report = read_json(out / "report.json")
     assert set(report["methods"]["mixture"]["per_domain"]) == {"reverse", "rotate", "shift", "swap"}
     nodes = {n for name, t in report["training"].items() if name.startswith("expert/") for n in t["node_ids"]}
     assert len(nodes) == 2, report["training"]
