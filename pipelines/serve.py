@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -109,9 +108,13 @@ def deploy(
 
 
 def run_app(app) -> None:
-    """``serve.run`` in a thread (it waits for the app): this one stays free to notice Ctrl-C and time-outs."""
-    options = {"name": APP_NAME, "route_prefix": "/"}
-    threading.Thread(target=serve.run, args=(app,), kwargs=options, daemon=True).start()
+    """Deploy ``app`` without waiting for it (:func:`wait_running` waits, noticing Ctrl-C and time-outs).
+
+    Not ``serve.run`` in a thread, as before: a thread still waiting after Ray was shut down
+    reconnects through Serve's client, which starts a new local Ray in this process. Two CI runs
+    died that way, by all signs: a second cluster started by the test process beside the next
+    test's own ``ray.init``, then the process exited on a lost GCS with nothing printed."""
+    serve._run(app, _blocking=False, name=APP_NAME, route_prefix="/")  # `serve run`'s own non-blocking deploy
 
 
 def update(run: str, version: int, address: str | None = None, *, timeout_s: float = 300.0) -> dict:

@@ -3,8 +3,13 @@
 import os
 
 import pytest
+import ray._private.auto_init_hook as auto_init
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A stray thread (a Serve handle's, a deploy's) that calls Ray after a module's `ray.shutdown()`
+# must fail, not start a second local Ray in this process: the next module's `ray.init` raced it,
+# and the process exited 60 s later on a lost GCS with no error printed (two CI runs, in test_train).
+auto_init.enable_auto_connect = False
 
 
 @pytest.fixture(scope="module")
