@@ -22,6 +22,7 @@ the whole prompt before the first token. A prompt longer than the token budget i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import deque
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 Deliver = Callable[[Delta], None]
 ADMIT_EVERY = 4  # steps a waiting request may wait for a busy engine to gather free slots
+# ... and never more than 1/GATHER_SHARE of the tokens it asks for: a short completion is admitted at once.
+GATHER_SHARE = 16
 
 
 @dataclass
@@ -184,11 +187,11 @@ class Scheduler:
         self.max_running, self.max_batched_tokens = max_running, max_batched_tokens
         self.cuda_graphs = cuda_graphs
         self.batches: dict[str, _Batch] = {}
-        self.waiting: deque[tuple[GenerationRequest | Exception, Deliver]] = deque()
+        self.waiting: deque[tuple[GenerationRequest | Exception, Deliver, int]] = deque()  # + the step it came
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._started = self._closing = False
-        self.steps = self.admitted = self.finished = self._last_admit = 0
+        self.steps = self.admitted = self.finished = 0
         self.admit_batch = max(1, max_running // 8)
 
     # ------------------------------------------------------------------------------ submitting
@@ -196,7 +199,7 @@ class Scheduler:
         """Queue ``request`` (or the error that replaced it: it gets an error Delta); thread-safe.
         A scheduler closed and then asked again (a straggler of a dropped version) serves again."""
         with self._work:
-            self.waiting.append((request, deliver))
+            self.waiting.append((request, deliver, self.steps))
             self._work.notify()
             if self._closing:
                 self._closing = False
@@ -239,16 +242,16 @@ class Scheduler:
 
     def _admit(self, budget: int) -> None:
         free = self.max_running - self.running
-        # Each admission costs a prefill forward (and a routing one): on a busy engine, gather a few
-        # free slots first rather than pay them for every row that leaves. Never more than
-        # ADMIT_EVERY steps of waiting, and at once while the engine has room to spare.
-        if self.running and free < self.admit_batch and self.steps - self._last_admit < ADMIT_EVERY:
-            return
-        self._last_admit = self.steps
         taken: list[tuple[GenerationRequest, Deliver]] = []
         with self._work:
+            # Each admission costs a prefill forward (and a routing one): on a busy engine, gather a
+            # few free slots first rather than pay them for every row that leaves, unless a request
+            # that would be admitted has waited its share (:meth:`_patience`); at once while the
+            # engine has room to spare.
+            if self.running and free < self.admit_batch and not self._due(free):
+                return
             while self.waiting and free > 0:
-                request, deliver = self.waiting[0]
+                request, deliver, _ = self.waiting[0]
                 error = self._check(request)
                 if error is not None:
                     self.waiting.popleft()
@@ -284,6 +287,19 @@ class Scheduler:
                 self.finished += batch.sweep()
             elif len(batch.live) > start:  # its rows were added before the failure: drop them
                 batch.live = batch.live[:start]
+
+    def _due(self, free: int) -> bool:
+        """One of the next ``free`` waiting requests has waited as long as it should for a gathering."""
+        return any(self.steps - came >= self._patience(r) for r, _, came in itertools.islice(self.waiting, free))
+
+    @staticmethod
+    def _patience(request) -> int:
+        """Steps ``request`` may wait for free slots to gather: ADMIT_EVERY at most, and no more than
+        1/GATHER_SHARE of its ``max_tokens`` (a wait of 4 steps is 6% of a 64-token answer's time
+        but half an 8-token one's). Errors go at once."""
+        if isinstance(request, Exception):
+            return 0
+        return min(ADMIT_EVERY, request.params.max_tokens // GATHER_SHARE)
 
     def _check(self, request) -> str | None:
         try:
@@ -351,7 +367,7 @@ class Scheduler:
         for batch in self.batches.values():
             batch.fail(range(len(batch.live)), error)
         self.batches = {}
-        for _, deliver in waiting:
+        for _, deliver, _ in waiting:
             deliver(Delta("", [], "error", error=error))
 
     def stats(self) -> dict:

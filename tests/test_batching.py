@@ -70,6 +70,31 @@ def test_a_request_joins_the_running_batch_at_the_next_step(engine):
     assert scheduler.running == 1 and long_out[-1].finish_reason is None  # the long one decodes on
 
 
+def test_a_busy_engine_gathers_free_slots_for_long_requests_but_admits_short_ones_at_once(engine):
+    """With fewer free slots than `admit_batch`, a waiting request waits for more to free up (one
+    prefill for several rows) for at most ADMIT_EVERY steps and 1/GATHER_SHARE of its `max_tokens`:
+    a 64-token answer waits 4 steps, an 8-token one is admitted at the next step."""
+    from loramix.batching import ADMIT_EVERY, GATHER_SHARE
+
+    assert 64 // GATHER_SHARE >= ADMIT_EVERY > 8 // GATHER_SHARE
+    scheduler = Scheduler(engine, max_running=24)  # admit_batch 3
+    routings = [None] + [onehot(engine, i) for i in range(len(engine.expert_names))]
+    text, weights = next((t, w) for w in routings for t in PROMPTS if len(reference(engine, t, 8, w)) == 8)
+    for _ in range(22):  # running until step 8: two slots free
+        scheduler.submit(request(engine, text, 8, weights), lambda d: None)
+    scheduler.step()
+    long_out, short_out = [], []
+    scheduler.submit(request(engine, text, 64, weights), long_out.append)
+    for _ in range(ADMIT_EVERY - 1):
+        scheduler.step()
+    assert not long_out and scheduler.running == 22  # gathering
+    scheduler.step()
+    assert long_out and scheduler.running == 23  # waited ADMIT_EVERY steps, then admitted alone
+    scheduler.submit(request(engine, PROMPTS[3], 8), short_out.append)
+    scheduler.step()
+    assert short_out and scheduler.running == 24  # at once
+
+
 def test_streaming_emits_each_token_the_step_it_is_decoded(engine):
     scheduler = Scheduler(engine)
     out = []
