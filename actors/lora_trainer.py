@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -23,39 +24,55 @@ from loramix.messages import WorkerConfig
 from loramix.plan import BaseResult, LoraResult
 
 
-def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch_size: int, beside: int = 0) -> int:
+class Workers(NamedTuple):
+    """How many workers a trainer runs and the CPUs each reserves."""
+
+    count: int
+    cpus: float
+
+
+def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch_size: int, beside: int = 0) -> Workers:
     """Data-parallel workers for a CPU trainer that trains while ``replaces`` trainers wait or are done.
 
     The multitask baseline trains the steps of every expert together, after they finished, and a
     MoDULA-Res universal LoRA trains before any expert can start: with ``resources.num_workers``
     each would use one worker's CPUs of a machine the experts keep busy. It takes the CPUs those
-    trainers held together (capped by the cluster's CPUs, ``nodes``: each alive node's, less one
-    for each of the ``beside`` stage tasks that run meanwhile: waiting for the router's CPU cost the
-    baseline more than a second worker gained) as more workers of ``resources.cpus_per_worker``
-    each, every one on its share of the same global batch, rather than more torch threads in one
-    worker: a LoRA step's matrices are too small to spread over threads (measured on the demo: one
-    worker with two threads ran at one thread's speed; two workers on half the batch each,
-    1.15-1.17x: the step is mostly dispatch, not FLOPs). Only as many as divide ``batch_size``;
-    GPU trainers are bound by their GPU and keep ``resources.num_workers``.
+    trainers held together (capped by the cluster's CPUs, ``nodes``: each alive node's) as more
+    workers of ``resources.cpus_per_worker`` each, every one on its share of the same global batch,
+    rather than more torch threads in one worker (measured on the demo: one worker with two
+    threads ran at one thread's speed). Only as many as divide ``batch_size``; GPU trainers are
+    bound by their GPU and keep ``resources.num_workers``.
+
+    ``beside``: stage tasks of one CPU each that run while it trains (the router, beside the
+    multitask baseline). On one machine the workers reserve less than a CPU each so that these fit
+    too, and take the CPUs back from the OS the moment those tasks end. Measured on the 2-CPU demo
+    machine (one LoRA step, batch 32): one worker 65.5 ms; two workers 46.4 ms; two workers beside
+    a third busy process 63 ms (so nothing lost while the router trains, 1.41x once it ends), where
+    one worker waiting for the router's CPU, or the router for the workers', lost more than a second
+    worker gained. Across nodes the workers keep whole CPUs and leave those tasks theirs (workers of
+    half a CPU would be packed onto one node's core).
     """
     res = cfg.resources
     if replaces <= 1 or res.use_gpu or not nodes:
-        return res.num_workers
+        return Workers(res.num_workers, res.cpus_per_worker)
     one_trainer = res.num_workers * res.cpus_per_worker  # the CPUs of one trainer
-    held = min(replaces * one_trainer, sum(nodes) - beside)
+    one_node = len(nodes) == 1
+    held = min(replaces * one_trainer, sum(nodes) - (0 if one_node else beside))
     factor = max(1, int(held // one_trainer))
     while factor > 1 and batch_size % (res.num_workers * factor):
         factor -= 1
-    return res.num_workers * factor
+    count, cpus = res.num_workers * factor, res.cpus_per_worker
+    if one_node and beside and factor > 1 and count * cpus > nodes[0] - beside:
+        cpus = (nodes[0] - beside) / count
+    return Workers(count, cpus)
 
 
-def scaling_config(cfg: LoramixConfig, num_workers: int | None = None) -> ScalingConfig:
-    """``resources.*`` -> ``ScalingConfig`` (one GPU per worker when ``use_gpu``)."""
+def scaling_config(cfg: LoramixConfig, workers: Workers | None = None) -> ScalingConfig:
+    """``resources.*`` (or ``workers``) -> ``ScalingConfig`` (one GPU per worker when ``use_gpu``)."""
     res = cfg.resources
-    per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
-    return ScalingConfig(
-        num_workers=num_workers or res.num_workers, use_gpu=res.use_gpu, resources_per_worker=per_worker
-    )
+    count, cpus = workers or (res.num_workers, res.cpus_per_worker)
+    per_worker = {"CPU": cpus} | ({"GPU": 1} if res.use_gpu else {})
+    return ScalingConfig(num_workers=count, use_gpu=res.use_gpu, resources_per_worker=per_worker)
 
 
 def run_config(cfg: LoramixConfig, name: str) -> RunConfig:
@@ -130,7 +147,7 @@ def fit_lora(spec: stages.LoraSpec, cfg: LoramixConfig, base: BaseResult, run_na
         summary["trainable_params"],
         summary["seconds"],
         zero_stage=cfg.train.zero_stage,
-        num_workers=workers,
+        num_workers=workers.count,
         node_ids=sorted(set(nodes.values())),
         wall_seconds=time.perf_counter() - t0,
         resumed_from=summary.get("resumed_from", 0),

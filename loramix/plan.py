@@ -93,8 +93,8 @@ class LoraStage(Stage):
     names the stage whose adapter a MoDULA-Res expert reads; ``budget_from`` (multitask) sets
     its steps to what those stages used together, with no early stopping. ``replaces``: how many
     trainers' CPUs it may take because nothing else trains meanwhile (the multitask baseline
-    after its experts, a MoDULA-Res universal before them), less the CPUs of the ``beside`` stage
-    tasks that run while it trains (the router, beside the multitask baseline); neither enters the key.
+    after its experts, a MoDULA-Res universal before them), shared with the ``beside`` stage tasks
+    that run while it trains (the router, beside the multitask baseline); neither enters the key.
     """
 
     sources: tuple[tuple[str, str], ...] = ()

@@ -9,39 +9,47 @@ def config(**resources):
 
 
 def test_a_trainer_that_replaces_experts_takes_their_cpus_as_more_workers():
-    assert widened_workers(config(), 4, [2.0], 32) == 2  # the demo machine: both CPUs, one worker each
-    assert widened_workers(config(), 4, [8.0, 8.0], 32) == 4  # what its 4 experts held together
-    assert widened_workers(config(cpus_per_worker=2), 4, [4.0, 16.0], 32) == 4
-    assert widened_workers(config(num_workers=2), 4, [2.0], 32) == 2  # 2 workers already take the 2 CPUs
-    assert widened_workers(config(num_workers=2), 4, [4.0, 4.0], 32) == 8
-    assert widened_workers(config(cpus_per_worker=0.5), 4, [1.0], 32) == 2
+    assert widened_workers(config(), 4, [2.0], 32).count == 2  # the demo machine: both CPUs, one worker each
+    assert widened_workers(config(), 4, [8.0, 8.0], 32).count == 4  # what its 4 experts held together
+    assert widened_workers(config(cpus_per_worker=2), 4, [4.0, 16.0], 32).count == 4
+    assert widened_workers(config(num_workers=2), 4, [2.0], 32).count == 2  # 2 workers already take the 2 CPUs
+    assert widened_workers(config(num_workers=2), 4, [4.0, 4.0], 32).count == 8
+    assert widened_workers(config(cpus_per_worker=0.5), 4, [1.0], 32).count == 2
 
 
-def test_the_cpus_of_stage_tasks_beside_it_are_not_taken():
-    """The router trains beside the multitask baseline on one CPU: the baseline does not wait for it."""
-    assert widened_workers(config(), 4, [2.0], 32, beside=1) == 1  # the demo machine: one worker, starts at once
-    assert widened_workers(config(), 4, [1.0, 1.0], 32, beside=1) == 1
-    assert widened_workers(config(), 4, [8.0], 32, beside=1) == 4
-    assert widened_workers(config(), 8, [8.0], 32, beside=1) == 4  # 7 CPUs left: 4 divide the batch
+def test_stage_tasks_beside_it_still_fit():
+    """The router trains beside the multitask baseline on one CPU: neither waits for the other. On
+    one machine the baseline's workers reserve a share of the CPUs the router leaves (and use all of
+    them once it ends); across nodes they keep whole CPUs and leave the router one."""
+    assert widened_workers(config(), 4, [2.0], 32, beside=1) == (2, 0.5)  # the demo machine: both start at once
+    assert widened_workers(config(), 4, [4.0], 32, beside=1) == (4, 0.75)
+    assert widened_workers(config(), 4, [1.0, 1.0], 32, beside=1) == (1, 1.0)  # half-CPU workers would share a core
+    assert widened_workers(config(), 4, [8.0], 32, beside=1) == (4, 1.0)  # room for both
+    assert widened_workers(config(), 8, [8.0], 32, beside=1) == (8, 7 / 8)
+    assert widened_workers(config(), 8, [8.0, 8.0], 32, beside=1) == (8, 1.0)
+    assert widened_workers(config(), 8, [4.0, 4.0], 32, beside=1) == (4, 1.0)  # 7 CPUs left: 4 divide the batch
+    assert widened_workers(config(), 4, [1.0], 32, beside=1) == (1, 1.0)  # nothing to share: it waits, as before
 
 
 def test_only_as_many_workers_as_divide_the_batch():
-    assert widened_workers(config(), 3, [16.0], 32) == 2  # 3 would split 32 rows unevenly
-    assert widened_workers(config(), 4, [16.0], 6) == 3
-    assert widened_workers(config(), 4, [16.0], 7) == 1
+    assert widened_workers(config(), 3, [16.0], 32).count == 2  # 3 would split 32 rows unevenly
+    assert widened_workers(config(), 4, [16.0], 6).count == 3
+    assert widened_workers(config(), 4, [16.0], 7).count == 1
 
 
 def test_experts_gpu_trainers_and_small_clusters_keep_num_workers():
-    assert widened_workers(config(), 1, [16.0], 32) == 1  # an expert
-    assert widened_workers(config(use_gpu=True), 4, [16.0], 32) == 1  # bound by its GPU
-    assert widened_workers(config(cpus_per_worker=3), 4, [2.0], 32) == 1  # never below the setting
-    assert widened_workers(config(num_workers=3), 4, [2.0], 32) == 3  # (32 rows do not split in 3: the worker says so)
-    assert widened_workers(config(), 4, [], 32) == 1
+    assert widened_workers(config(), 1, [16.0], 32).count == 1  # an expert
+    assert widened_workers(config(use_gpu=True), 4, [16.0], 32).count == 1  # bound by its GPU
+    assert widened_workers(config(cpus_per_worker=3), 4, [2.0], 32).count == 1  # never below the setting
+    assert widened_workers(config(num_workers=3), 4, [2.0], 32).count == 3  # (32 rows do not split in 3: the worker says so)
+    assert widened_workers(config(), 4, [], 32).count == 1
 
 
 def test_scaling_config_reserves_the_widened_workers():
-    scaling = scaling_config(config(), 2)
+    scaling = scaling_config(config(), widened_workers(config(), 4, [2.0], 32))
     assert scaling.num_workers == 2 and scaling.resources_per_worker == {"CPU": 1.0}
+    shared = scaling_config(config(), widened_workers(config(), 4, [2.0], 32, beside=1))
+    assert shared.num_workers == 2 and shared.resources_per_worker == {"CPU": 0.5}
     assert scaling_config(config(use_gpu=True)).resources_per_worker == {"CPU": 1.0, "GPU": 1}
     assert scaling_config(config(num_workers=3)).num_workers == 3
 
