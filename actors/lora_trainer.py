@@ -54,9 +54,10 @@ def widened_workers(cfg: LoramixConfig, replaces: int, nodes: list[float], batch
     multitask baseline). On one machine the workers reserve less than a CPU each so that these fit
     too, and take the CPUs back from the OS the moment those tasks end. Measured on the 2-CPU demo
     machine (one LoRA step, batch 32): one worker 65.5 ms; two workers 46.4 ms; two workers beside
-    a third busy process 63 ms (so nothing lost while the router trains, 1.41x once it ends), where
-    one worker waiting for the router's CPU, or the router for the workers', lost more than a second
-    worker gained. Across nodes the workers keep whole CPUs and leave those tasks theirs (workers of
+    a third busy process 63 ms (so nothing lost while the router trains, 1.41x once it ends; 1.17x
+    over a whole demo baseline, where the router and the scoring stages share the cores for part of
+    it), where one worker waiting for the router's CPU, or the router for the workers', lost more
+    than a second worker gained. Across nodes the workers keep whole CPUs and leave those tasks theirs (workers of
     half a CPU would be packed onto one node's core).
     """
     res = cfg.resources
