@@ -33,7 +33,7 @@ ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 ROOT = Path(__file__).resolve().parents[2]
 TINY = (
     "model.synthetic.hidden_size=32 model.synthetic.intermediate_size=64 model.synthetic.num_layers=2 "
-    "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=16 expert.batch_size=8 "
+    "model.synthetic.num_heads=2 model.synthetic.pretrain_steps=10 expert.steps=40 expert.batch_size=8 "
     "router.steps=4 router.batch_size=8 data.eval_limit=4"
 )
 
@@ -59,7 +59,7 @@ def wait(client, job, timeout=600, until=None):
         status = client.get_job_status(job)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) or (until and until()):
             return status
-        time.sleep(1)
+        time.sleep(0.25 if until else 1)  # a stop must land while a checkpointed trainer still trains
     raise TimeoutError(f"job {job} still {client.get_job_status(job)} after {timeout}s")
 
 
