@@ -41,7 +41,8 @@ def test_experts_gpu_trainers_and_small_clusters_keep_num_workers():
     assert widened_workers(config(), 1, [16.0], 32).count == 1  # an expert
     assert widened_workers(config(use_gpu=True), 4, [16.0], 32).count == 1  # bound by its GPU
     assert widened_workers(config(cpus_per_worker=3), 4, [2.0], 32).count == 1  # never below the setting
-    assert widened_workers(config(num_workers=3), 4, [2.0], 32).count == 3  # (32 rows do not split in 3: the worker says so)
+    # 32 rows do not split in 3: the worker says so
+    assert widened_workers(config(num_workers=3), 4, [2.0], 32).count == 3
     assert widened_workers(config(), 4, [], 32).count == 1
 
 
