@@ -136,7 +136,7 @@ def make_engine(model, cfg: ExpertConfig, ds_template: dict, world_size: int):
     import deepspeed  # on the worker, after DS_ACCELERATOR is set
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = loops.adamw(trainable, cfg)
+    optimizer, scheduler = loops.adamw(model.named_parameters(), cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -136,6 +136,8 @@ class LoraConfigBase(OptimConfig):
     """LoRA dropout during expert training."""
     target_modules: list[str] | str = "all-linear"
     """Modules to adapt: `all-linear` or a list of names (PEFT `target_modules`)."""
+    lora_plus_ratio: float = Field(1.0, ge=1)
+    """LoRA+ (arXiv 2402.12354): the `lora_B` matrices learn at this many times `lr` (1: plain LoRA)."""
     val_fraction: float = Field(0.05, ge=0, lt=0.5)
     """Share of each LoRA's training rows held out for the validation loss (0: no early stopping)."""
     eval_every: int = Field(50, ge=1)
@@ -143,11 +145,9 @@ class LoraConfigBase(OptimConfig):
     patience: int = Field(3, ge=0)
     """Validations without an improvement (1% and 0.001) before training stops (0: always run `steps`)."""
     takeoff: float = Field(0.5, gt=0, le=1)
-    """Patience counts only once the validation loss fell below this fraction of its first value (or
-    rose to 1.5x it): a loss flat from the start is a plateau to train through (1: patience alone)."""
+    """Patience counts once the validation loss fell under this share of its first (or rose 1.5x); 1: patience alone."""
     cooldown: int = Field(100, ge=0)
-    """Once patience runs out: back to the best weights, then this many more steps with the learning rate
-    falling linearly to 0 (never past `steps`; 0: stop at once); one ending still falling re-warms (README)."""
+    """Once patience runs out: from the best weights, this many steps of a falling learning rate (0: stop at once)."""
 
 
 class ExpertConfig(LoraConfigBase):

@@ -94,21 +94,31 @@ def _schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list:
     return _SCHEDULES.setdefault(scheduler, list(scheduler.lr_lambdas))
 
 
-def adamw(params: list[nn.Parameter], cfg: OptimConfig):
-    """``(AdamW, its warmup/cosine LambdaLR)``: the optimiser of every LoRA and router."""
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def adamw(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig):
+    """``(AdamW, its warmup/cosine LambdaLR)`` over the trainable ``named`` parameters: the optimiser
+    of every LoRA and router. A LoRA's ``lora_B`` matrices learn at ``lora_plus_ratio`` times the
+    rate of the rest (LoRA+, arXiv 2402.12354: eta_B = lambda * eta_A; 1 = plain LoRA)."""
+    ratio = getattr(cfg, "lora_plus_ratio", 1.0)
+    params = [(n, p) for n, p in named if p.requires_grad]
+    fast = ratio != 1.0  # PEFT's `create_loraplus_optimizer` grouping: B matrices and vectors
+    b = [fast and ("lora_B" in n or p.ndim == 1) for n, p in params]
+    groups = [{"params": [p for (_, p), is_b in zip(params, b) if not is_b]}]
+    if any(b):  # DeepSpeed's ZeRO flattens each group: no empty one
+        groups.append({"params": [p for (_, p), is_b in zip(params, b) if is_b], "lr": cfg.lr * ratio})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
 
 
 class TorchStepper:
     """AdamW + warmup/cosine + global-norm clipping over ``params``."""
 
-    def __init__(self, params: Iterable[nn.Parameter], cfg: OptimConfig):
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
+    def __init__(self, named: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig):
+        named = [(n, p) for n, p in named if p.requires_grad]
+        if not named:
             raise ValueError("nothing to train: no parameter requires grad.")
+        self.params = [p for _, p in named]
         self.cfg = cfg
-        self.optimizer, self.scheduler = adamw(self.params, cfg)
+        self.optimizer, self.scheduler = adamw(named, cfg)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -281,7 +291,7 @@ def train_expert(
     check = validation(model) if validation is not None else None
     if check is not None and check.snapshot is None:
         check.snapshot, check.restore = snapshot_trainable(model)
-    stepper = stepper_factory(model) if stepper_factory else TorchStepper(model.parameters(), cfg)
+    stepper = stepper_factory(model) if stepper_factory else TorchStepper(model.named_parameters(), cfg)
     summary = run_steps(
         model, batches, lm_loss, stepper, report=report, log_every=log_every, max_steps=cfg.steps, validation=check
     )

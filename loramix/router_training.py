@@ -32,7 +32,7 @@ def train_router(
     n_train = sum(p.numel() for p in mm.router.parameters())
     n_frozen = sum(p.numel() for p in mm.base_model.parameters())
     logger.info("router %s: %s trainable / %s frozen parameters", mm.router.recipe, f"{n_train:,}", f"{n_frozen:,}")
-    stepper = stepper or loops.TorchStepper(mm.router.parameters(), cfg)
+    stepper = stepper or loops.TorchStepper(mm.router.named_parameters(), cfg)
     recipe = RECIPES.get(mm.router.recipe)
     balance = cfg.balance_coef if cfg.balance_coef is not None else (recipe.balance_coef if recipe else 0.0)
 

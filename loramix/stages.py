@@ -68,7 +68,7 @@ def base_stage(cfg: LoramixConfig, out_dir: str | Path, progress: Progress = qui
         examples = data.tokenize_rows(rows, tokenizer, cfg.data.max_length)
         optim = OptimConfig(steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr)
         it = data.batches(examples, s.batch_size, tokenizer.pad_token_id, seed=cfg.seed, steps=s.pretrain_steps)
-        stepper = loops.TorchStepper(base.parameters(), optim)
+        stepper = loops.TorchStepper(base.named_parameters(), optim)
         loops.run_steps(
             base, it, loops.lm_loss, stepper, report=progress("base", s.pretrain_steps), log_every=cfg.train.log_every
         )

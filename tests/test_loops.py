@@ -54,6 +54,40 @@ def test_only_lora_parameters_change():
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)
 
 
+def test_lora_plus_trains_the_b_matrices_as_pefts_loraplus_optimizer_does():
+    """`lora_plus_ratio`: the same parameter groups and learning rates as PEFT's
+    `create_loraplus_optimizer`, hence the same step; 1 keeps one group (plain LoRA)."""
+    from peft import get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    from loramix.trainees import lora_config
+
+    cfg = ExpertConfig(rank=4, lr=1e-2, lora_plus_ratio=4.0, warmup_ratio=0.0)  # the schedule starts at `lr`
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(0), lora_config(cfg))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()  # PEFT starts B at 0: make A's gradient non-zero too
+    twin = copy.deepcopy(model)
+    ours = TorchStepper(model.named_parameters(), cfg).optimizer
+    peft = create_loraplus_optimizer(twin, torch.optim.AdamW, lr=cfg.lr, loraplus_lr_ratio=4.0, weight_decay=0.0)
+
+    def lrs(optimizer, m):
+        by_param = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        return {n: by_param[id(p)] for n, p in m.named_parameters() if p.requires_grad}
+
+    assert lrs(ours, model) == lrs(peft, twin)
+    assert {lr for n, lr in lrs(ours, model).items() if "lora_B" in n} == {4e-2}
+    batch = next(iter(batches(toy_examples(), 4, 0, steps=1)))
+    for m, optimizer in ((model, ours), (twin, peft)):
+        lm_loss(m, batch)[0].backward()
+        optimizer.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, msg=n)
+    plain = TorchStepper(model.named_parameters(), cfg.model_copy(update={"lora_plus_ratio": 1.0}))
+    assert len(plain.optimizer.param_groups) == 1
+
+
 def test_warmup_then_cosine():
     f = warmup_cosine(RouterConfig(steps=100, warmup_ratio=0.1))
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
@@ -63,12 +97,12 @@ def test_warmup_then_cosine():
 
 def test_nothing_to_train_is_an_error():
     with pytest.raises(ValueError, match="nothing to train"):
-        TorchStepper(tiny_llama(0).requires_grad_(False).parameters(), RouterConfig())
+        TorchStepper(tiny_llama(0).requires_grad_(False).named_parameters(), RouterConfig())
 
 
 def test_run_steps_reports_every_step():
     model = tiny_llama(0)
-    stepper = TorchStepper(model.parameters(), RouterConfig(steps=2, lr=1e-3))
+    stepper = TorchStepper(model.named_parameters(), RouterConfig(steps=2, lr=1e-3))
     seen = []
     out = run_steps(
         model, batches(toy_examples(), 4, 0, steps=2), lm_loss, stepper, report=lambda m, c: seen.append((m, c))
@@ -112,7 +146,7 @@ class ScriptedValidation:
 
         torch.manual_seed(0)
         self.model = torch.nn.Linear(2, 1)
-        self.stepper = TorchStepper(self.model.parameters(), ExpertConfig(steps=steps, lr=lr, warmup_ratio=0.0))
+        self.stepper = TorchStepper(self.model.named_parameters(), ExpertConfig(steps=steps, lr=lr, warmup_ratio=0.0))
         self.check = Validation(iter(curve).__next__, every=1, patience=2, takeoff=1.0, cooldown=cooldown)
         self.check.snapshot, self.check.restore = snapshot_trainable(self.model)
         self.after, self.before = {}, []  # weights after each step; weights each step started from

@@ -42,9 +42,11 @@ def fit(cfg, root, base, name, progress=None, expert=None, **over):
 
 
 def test_zero3_saves_full_gathered_weights_equal_to_zero0(world):
+    """With LoRA+ (two parameter groups, which ZeRO partitions apart) and without."""
     cfg, root, base = world
-    _, w0 = fit(cfg, root, base, "z0", zero_stage=0)
-    s3, w3 = fit(cfg, root, base, "z3", zero_stage=3)
+    lora_plus = {"lora_plus_ratio": 4.0}
+    _, w0 = fit(cfg, root, base, "z0", zero_stage=0, expert=lora_plus)
+    s3, w3 = fit(cfg, root, base, "z3", zero_stage=3, expert=lora_plus)
     assert s3.zero_stage == 3 and set(w0) == set(w3)
     for key in w0:
         assert w3[key].shape == w0[key].shape and w3[key].numel() > 0, key  # not an empty ZeRO-3 shard
