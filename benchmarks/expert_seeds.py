@@ -7,12 +7,12 @@ validation loss sits on a plateau for a random number of steps before it falls (
 setting that helps from a lucky sample. This trains each (domain, seed) in its own process, one
 thread each, ``--jobs`` at a time, from RUN_DIR's base and data (a ``loramix run`` directory
 whose base stage finished) with its ``expert`` section plus the overrides, for ``expert.steps``
-steps **without early stopping**, validating every ``expert.eval_every`` steps as the pipeline
-does. The seed orders the batches and draws the LoRA's initialisation (the validation split
-stays the pipeline's). It reports, per domain, how
-many seeds reached :data:`loramix.validation.LEARNED_LOSS` and the step each first did; each
-curve lets early-stopping rules be replayed offline. Writes ``--output`` (JSON lines) and prints
-a table.
+steps **without early stopping** (``--early-stopping``: with the pipeline's rule, reporting the
+steps it used), validating every ``expert.eval_every`` steps as the pipeline does. The seed
+orders the batches and draws the LoRA's initialisation (the validation split stays the
+pipeline's). It reports, per domain, how many seeds reached :data:`loramix.validation.LEARNED_LOSS`
+and the step each first did; each curve lets early-stopping rules be replayed offline. Writes
+``--output`` (JSON lines) and prints a table.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def train_one(run: str, domain: str, seed: int, overrides: list[str]) -> dict:
-    """One expert on ``domain``, batches ordered by ``seed``; its validation curve."""
+def train_one(run: str, domain: str, seed: int, overrides: list[str], early_stopping: bool = False) -> dict:
+    """One expert on ``domain``, batches ordered by ``seed``; its validation curve (and with
+    ``early_stopping``, the pipeline's stopping rule: patience, cooldown, going on)."""
     import torch  # lazy: the parent process only schedules
 
     from loramix import data, loops, stages  # lazy: the parent process only schedules
@@ -49,7 +50,8 @@ def train_one(run: str, domain: str, seed: int, overrides: list[str]) -> dict:
 
     def validation(m):
         check = Validation.of(stages.val_loss_fn(m, val, o.batch_size, tokenizer.pad_token_id), o)
-        check.patience = 0  # the whole curve: stopping rules are replayed on it offline
+        if not early_stopping:
+            check.patience = 0  # the whole curve: stopping rules are replayed on it offline
         return check
 
     torch.manual_seed(seed)  # the LoRA's initialisation too
@@ -64,12 +66,13 @@ def train_one(run: str, domain: str, seed: int, overrides: list[str]) -> dict:
         "overrides": overrides,
         "learned_at": next((s for s, loss in curve if loss <= LEARNED_LOSS), None),
         "final": curve[-1][1],
+        "steps": summary["steps"],
         "curve": curve,
         "seconds": summary["seconds"],
     }
 
 
-def run(run_dir: str, domains: list[str], seeds: list[int], overrides: list[str], jobs: int = 2) -> list[dict]:
+def run(run_dir: str, domains: list[str], seeds: list[int], overrides: list[str], jobs=2, early_stopping=False):
     """Every (domain, seed) in its own process, ``jobs`` at a time."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
@@ -77,6 +80,7 @@ def run(run_dir: str, domains: list[str], seeds: list[int], overrides: list[str]
         domain, seed = job
         cmd = [sys.executable, "-m", "benchmarks.expert_seeds", run_dir, "--one", domain, str(seed)]
         cmd += ["--set", *overrides] if overrides else []
+        cmd += ["--early-stopping"] if early_stopping else []
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
         if done.returncode:
             raise RuntimeError(f"{domain} seed {seed} failed:\n{done.stderr[-2000:]}")
@@ -88,8 +92,8 @@ def run(run_dir: str, domains: list[str], seeds: list[int], overrides: list[str]
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| domain | learned | first step under the learned loss, per seed | final loss, per seed |",
-        "|---|---|---|---|",
+        "| domain | learned | first step under the learned loss, per seed | final loss, per seed | steps |",
+        "|---|---|---|---|---|",
     ]
     for domain in dict.fromkeys(r["domain"] for r in results):
         rows = [r for r in results if r["domain"] == domain]
@@ -98,7 +102,8 @@ def table(results: list[dict]) -> str:
         median = f", median {statistics.median(learned):.0f}" if learned else ""
         finals = ", ".join(f"{r['final']:.3f}" for r in rows)
         firsts = ", ".join(str(s or "-") for s in steps)
-        lines.append(f"| {domain} | {len(learned)}/{len(rows)}{median} | {firsts} | {finals} |")
+        used = ", ".join(str(r.get("steps", "-")) for r in rows)
+        lines.append(f"| {domain} | {len(learned)}/{len(rows)}{median} | {firsts} | {finals} | {used} |")
     return "\n".join(lines)
 
 
@@ -111,9 +116,12 @@ def main() -> None:
     parser.add_argument("--output", help="append each result to this JSON-lines file")
     parser.add_argument("--one", nargs=2, metavar=("DOMAIN", "SEED"), help=argparse.SUPPRESS)
     parser.add_argument("--set", nargs="+", default=[], dest="overrides", help="expert settings: expert.rank=16 ...")
+    parser.add_argument(
+        "--early-stopping", action="store_true", help="stop as the pipeline does (patience, cooldown); `steps` = used"
+    )
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(train_one(args.run_dir, args.one[0], int(args.one[1]), args.overrides)))
+        print(json.dumps(train_one(args.run_dir, args.one[0], int(args.one[1]), args.overrides, args.early_stopping)))
         return
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "stages" / "base.json").is_file():
@@ -124,7 +132,7 @@ def main() -> None:
     domains = args.domains or known
     if set(domains) - set(known):
         parser.error(f"{run_dir} has no domain {sorted(set(domains) - set(known))}; its domains: {known}")
-    results = run(args.run_dir, domains, args.seeds, args.overrides, args.jobs)
+    results = run(args.run_dir, domains, args.seeds, args.overrides, args.jobs, args.early_stopping)
     if args.output:
         with open(args.output, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
