@@ -72,7 +72,14 @@ def train_one(run: str, domain: str, seed: int, overrides: list[str], early_stop
     }
 
 
-def run(run_dir: str, domains: list[str], seeds: list[int], overrides: list[str], jobs=2, early_stopping=False):
+def run(
+    run_dir: str,
+    domains: list[str],
+    seeds: list[int],
+    overrides: list[str],
+    jobs: int = 2,
+    early_stopping: bool = False,
+) -> list[dict]:
     """Every (domain, seed) in its own process, ``jobs`` at a time."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

@@ -99,12 +99,13 @@ def adamw(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig):
     of every LoRA and router. A LoRA's ``lora_B`` matrices learn at ``lora_plus_ratio`` times the
     rate of the rest (LoRA+, arXiv 2402.12354: eta_B = lambda * eta_A; 1 = plain LoRA)."""
     ratio = getattr(cfg, "lora_plus_ratio", 1.0)
-    params = [(n, p) for n, p in named if p.requires_grad]
-    fast = ratio != 1.0  # PEFT's `create_loraplus_optimizer` grouping: B matrices and vectors
-    b = [fast and ("lora_B" in n or p.ndim == 1) for n, p in params]
-    groups = [{"params": [p for (_, p), is_b in zip(params, b) if not is_b]}]
-    if any(b):  # DeepSpeed's ZeRO flattens each group: no empty one
-        groups.append({"params": [p for (_, p), is_b in zip(params, b) if is_b], "lr": cfg.lr * ratio})
+    rest, fast = [], []
+    for name, p in named:
+        if p.requires_grad:  # PEFT's `create_loraplus_optimizer` grouping: B matrices and vectors
+            (fast if ratio != 1.0 and ("lora_B" in name or p.ndim == 1) else rest).append(p)
+    groups = [{"params": rest}]
+    if fast:  # DeepSpeed's ZeRO flattens each group: no empty one
+        groups.append({"params": fast, "lr": cfg.lr * ratio})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg))
 

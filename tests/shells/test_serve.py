@@ -305,6 +305,7 @@ def test_a_client_that_disconnects_stops_its_rows_decoding(world):
     """Close a streaming request after its first event: Serve cancels the replica's generator,
     which marks the row cancelled (it stops decoding at the next step)."""
     body = {"model": "loramix", "prompt": PROMPTS["sort"], "max_tokens": 64, "temperature": 1.0, "seed": 3}
+    stream = {**body, "stream": True}
 
     def running() -> bool:
         return any(s["running"] for s in handle_stats("fused")["scheduler"].values())
@@ -313,7 +314,6 @@ def test_a_client_that_disconnects_stops_its_rows_decoding(world):
     # replica after the answer finished, which tests nothing; then hang up on another one.
     for _ in range(3):
         before = handle_stats("fused")["cancelled"]
-        stream = {**body, "stream": True}
         with requests.post(world["url"] + "/v1/completions", json=stream, stream=True, timeout=60) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first event arrived: decoding is under way
