@@ -22,8 +22,8 @@ from torch import nn
 
 from loramix.experts import Expert, ExpertBank
 from loramix.inject import find_blocks, inject
-from loramix.routers import Router, RouterDims, balance_loss, build_router, mean_gates, per_sequence
-from loramix.routing import CallState, Routing
+from loramix.routers import Router, RouterDims, build_router
+from loramix.routing import CallState, Routing, balance_loss, mean_gates, per_sequence
 
 logger = logging.getLogger(__name__)
 

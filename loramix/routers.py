@@ -31,7 +31,7 @@ from torch import nn
 from loramix.data import prompt_mask
 from loramix.layers import MixtureLinear
 from loramix.names import safe_key
-from loramix.routing import CallState, RouteRecord, context_mean, expand_batch
+from loramix.routing import CallState, context_mean, expand_batch, label_loss, load_metrics, masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -70,68 +70,6 @@ def topk_gates(
     if straight_through:
         gates = gates.detach() + probs - probs.detach()
     return probs, gates
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden [batch, seq, H]`` over positions where ``mask [batch, seq]`` is 1."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def _mean_probs(record: RouteRecord) -> torch.Tensor:
-    """``[E]`` mean probability of one decision over the batch (and the counted tokens)."""
-    p = record.probs.float()
-    if p.dim() == 3 and record.mask is not None:
-        m = record.mask.to(p.dtype)[..., None]
-        return (p * m).sum((0, 1)) / m.sum().clamp_min(1.0)
-    return p.reshape(-1, p.shape[-1]).mean(0)
-
-
-def balance_loss(records: Sequence[RouteRecord]) -> torch.Tensor:
-    """MoLE's gating balance loss ``-log prod_i q_i`` (MoLE, arXiv 2404.13628, Eqs. 14-15).
-
-    ``q_i`` is expert ``i``'s probability averaged over the M gated blocks (or layers), as in
-    the paper, and over the batch: the paper writes q for one input; averaging over the batch
-    too (as Switch and GShard do) lets each input be routed sharply while the experts stay used.
-    """
-    q = torch.stack([_mean_probs(r) for r in records]).mean(0)
-    return -torch.log(q.clamp_min(1e-6)).sum()
-
-
-def label_loss(records: Sequence[RouteRecord], domain: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every routing decision's probabilities against the row's expert (a
-    per-token decision: every real token of the row), averaged over decisions. Not in MoLE or
-    MoDULA, whose routers see no labels; `router.label_coef` adds it (see the README for why)."""
-    losses = []
-    for r in records:
-        logp = r.probs.float().clamp_min(1e-9).log()
-        if logp.dim() == 2:
-            losses.append(-logp.gather(-1, domain[:, None]).mean())
-        else:
-            picked = -logp.gather(-1, domain[:, None, None].expand(-1, logp.shape[1], 1))[..., 0]
-            m = attention_mask.to(picked.dtype)
-            losses.append((picked * m).sum() / m.sum().clamp_min(1.0))
-    return torch.stack(losses).mean()
-
-
-def mean_gates(records: Sequence[RouteRecord], mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-sequence mean gates ``[batch, E]`` of each decision, averaged over the decisions."""
-    return torch.stack([per_sequence(r, mask) for r in records]).mean(0)
-
-
-def per_sequence(record: RouteRecord, mask: torch.Tensor | None) -> torch.Tensor:
-    g = record.gates.detach()
-    if g.dim() == 2:
-        return g
-    return masked_mean(g, mask if mask is not None else torch.ones(g.shape[:2], device=g.device))
-
-
-def load_metrics(gates: torch.Tensor, expert_names: Sequence[str]) -> dict:
-    """``router_entropy`` and ``expert_load/<name>`` of ``[batch, E]`` gates (reported every step)."""
-    gates = gates.detach().float()
-    entropy = -(gates * gates.clamp_min(1e-9).log()).sum(-1).mean()
-    load = gates.mean(0)
-    return {"router_entropy": float(entropy), **{f"expert_load/{n}": float(v) for n, v in zip(expert_names, load)}}
 
 
 class Router(nn.Module):

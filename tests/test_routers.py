@@ -184,8 +184,7 @@ def test_mole_gate_hand_computed():
 
 def test_balance_loss_averages_over_blocks_then_logs():
     """-log prod_i q_i with q_i the mean over blocks (and batch) of expert i's probability."""
-    from loramix.routers import balance_loss
-    from loramix.routing import RouteRecord
+    from loramix.routing import RouteRecord, balance_loss
 
     p1 = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
     p2 = torch.tensor([[0.5, 0.5], [0.7, 0.3]])
