@@ -142,7 +142,9 @@ def demo_artifact(
     """A saved mixture on the demo world in seconds, for tests and serving benchmarks: the char
     tokenizer (``path/tokenizer``), an untrained small Llama (``<path>-base``), random experts
     with B != 0 (``<path>-adapters/<name>``) and a MoA/MoLE/MoDULA router trained for a few
-    steps on cue-worded prompts, so prompts route by their cue word."""
+    steps on cue-worded prompts, so prompts route by their cue word. An untrained base ends greedy
+    answers wherever EOS happens to win, which moved with every router change; here it never
+    wins, so tests and the serving benchmark decode the lengths they ask for."""
     from peft import LoraConfig, get_peft_model  # demo_artifact only; the tokenizer/base builders need no PEFT
 
     from loramix import data, router_training  # demo_artifact only: these modules import this one's builders
@@ -155,6 +157,8 @@ def demo_artifact(
     base = build_base(
         tokenizer, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_layers=num_layers, num_heads=4
     ).eval()
+    with torch.no_grad():  # EOS's logit is 0, never the largest of ~100 random ones: answers run to max_tokens
+        base.get_output_embeddings().weight[tokenizer.eos_token_id].zero_()
     adapters = {}
     for i, name in enumerate(experts):
         torch.manual_seed(seed + i + 1)
