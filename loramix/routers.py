@@ -290,6 +290,12 @@ class TokenRouter(Router):
     everywhere but the first block's q/k/v: 0.33 vs the experts' 0.98 on the demo world).
     ``"prompt_only"``: the prompt's mean alone, one gate per layer per sequence: generated tokens do
     not dilute the cue (``prompt`` sent 4.6% of long answers' tokens elsewhere; fresh 0.943 -> 0.971).
+
+    A gate's input is what the gates before it shaped, and it is read as data: no gradient flows
+    through it to those gates. Otherwise the label loss of every later gate pulls an early gate
+    towards whichever expert makes the later inputs easiest to route, whatever its own loss says
+    (demo world: the first block's v_proj gate sent 80% of `rotate` to `shift`'s expert and the
+    later gates learned to read that; mixture 0.712 against the oracle's 0.929, 0.930 detached).
     """
 
     recipe = "modula"
@@ -319,8 +325,9 @@ class TokenRouter(Router):
             full, grow = call.final_hidden if layer.block is None else None, self.context == "prompt"
             x = context_mean(call, layer.key, x, full=full, grow=grow)
         # Normalised input: layer inputs differ in scale by orders of magnitude (MLP down_proj
-        # vs attention q_proj), and raw inputs made the gates saturate after a few steps.
-        features = F.layer_norm(x.to(lin.weight.dtype), x.shape[-1:])
+        # vs attention q_proj), and raw inputs made the gates saturate after a few steps. Detached:
+        # a decision's loss trains its own gate, not the gates before it (see the class docstring).
+        features = F.layer_norm(x.detach().to(lin.weight.dtype), x.shape[-1:])
         probs, gates = self.gates(lin(features))  # [batch, seq, E]
         if call.record is not None:
             mask = call.pool_mask if call.pool_mask is not None and not call.freeze else None
