@@ -299,8 +299,9 @@ def test_a_token_routers_decision_trains_only_its_own_gate(router_adapters, cont
     from loramix.names import safe_key
 
     torch.manual_seed(0)
-    mm = MixtureModel.from_adapters(tiny_llama(0, init_range=0.15), router_adapters, router="modula", top_k=3)
-    mm.router.context = context
+    mm = MixtureModel.from_adapters(
+        tiny_llama(0, init_range=0.15), router_adapters, router="modula", top_k=3, context=context
+    )
     for p in mm.router.parameters():
         torch.nn.init.normal_(p, std=0.5)  # a trained router: every gate depends on its input
     b = collate(distilled_domains(mm, n_per_domain=4, seed=0), 0)
